@@ -1,0 +1,213 @@
+"""LatentLM: a causal Transformer over continuous latent tokens with a per-token diffusion head.
+
+Training is teacher-forced: the backbone reads ``[label, tok_0, ..., tok_{L-2}]`` and its output at
+position i conditions the head's denoising of token i. Generation runs left to right with a KV
+cache; every token is produced by a full solver run of the head from fresh Gaussian noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from latentlm.config import ModelConfig, SamplerConfig
+from latentlm.diffusion import SampleNoise, build_process, cfg_combine, cfg_scale_at, check_sampler, sample
+from latentlm.models.head import DiffusionHead
+from latentlm.models.layers import (
+    Attention,
+    KVCache,
+    LabelEmbedder,
+    RMSNorm,
+    SwiGLU,
+    check_labels,
+    check_latents,
+    patchify,
+    rope_tables,
+    unpatchify,
+)
+
+
+class CausalBlock(nn.Module):
+    """Pre-norm block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm()
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.kv_heads, causal=True)
+        self.norm2 = RMSNorm()
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+    def step(self, x: torch.Tensor, cache: KVCache, pos: int, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.attn.step(self.norm1(x), cache, pos, rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class LatentLM(nn.Module):
+    """Causal Transformer + diffusion head. ``model(latents, labels)`` returns the training loss."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        if cfg.family != "latentlm":
+            raise ValueError(f"LatentLM needs family='latentlm', got {cfg.family!r}")
+        self.config = cfg
+        D = cfg.hidden_size
+        self.token_embed = nn.Linear(cfg.token_dim, D)  # clean-token embedder (with bias)
+        self.label_embed = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
+        self.blocks = nn.ModuleList(CausalBlock(cfg) for _ in range(cfg.depth))
+        self.norm = RMSNorm()
+        self.cond_proj = nn.Linear(D, D, bias=False)  # condition layer: RMSNorm -> Linear
+        self.head = DiffusionHead(cfg.token_dim, D, cfg.ffn_dim, cfg.head_depth)
+        with torch.device("cpu"):  # schedules are float64 CPU data, even when the model is built on meta
+            self.process = build_process(cfg.process)
+        self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        # Linear weights keep PyTorch's default init; every bias starts at zero.
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        # Label table and timestep MLP: N(0, 0.02), as in DiT.
+        nn.init.normal_(self.label_embed.table.weight, std=0.02)
+        for layer in self.head.time_embed.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        # adaLN-Zero: each head block starts as the identity and the head's output is exactly zero.
+        for block in self.head.blocks:
+            nn.init.zeros_(block.adaLN[-1].weight)
+        nn.init.zeros_(self.head.final.adaLN[-1].weight)
+        nn.init.zeros_(self.head.final.linear.weight)
+
+    # -- shapes ---------------------------------------------------------------------------------
+    def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables (L, hd) in float64, computed on first use per device (never a buffer, so
+        ``model.to(bf16)`` cannot round them)."""
+        if device not in self._rope:
+            cos, sin = rope_tables(self.config.seq_len, self.config.hidden_size // self.config.num_heads,
+                                   self.config.rope_theta)
+            self._rope[device] = (cos.to(device), sin.to(device))
+        return self._rope[device]
+
+    # -- backbone -------------------------------------------------------------------------------
+    def forward_parallel(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced conditions: tokens (N, T, C p^2), labels (N,) -> conditions (N, T, D), T <= L.
+
+        Position 0 reads the label embedding, position i >= 1 reads token i-1, so the condition at
+        position i sees the label and tokens 0..i-1 only.
+        """
+        x = self.token_embed(tokens[:, :-1])  # (N, L-1, D)
+        x = torch.cat([self.label_embed(labels)[:, None], x], dim=1)  # (N, L, D)
+        cos, sin = self._rope_tables(x.device)
+        rope = (cos[: x.shape[1]], sin[: x.shape[1]])  # a prefix of T <= L positions is allowed
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.cond_proj(self.norm(x))  # (N, L, D)
+
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> list[KVCache]:
+        c = self.config
+        return [KVCache.empty(batch, c.kv_heads, c.seq_len, c.hidden_size // c.num_heads, device, dtype)
+                for _ in range(c.depth)]
+
+    def forward_recurrent(self, inputs: torch.Tensor, pos: int, caches: list[KVCache]) -> torch.Tensor:
+        """One KV-cached backbone step. pos 0: ``inputs`` are labels (B,); pos i >= 1: the token
+        generated at i-1, (B, C p^2). Returns the condition for token ``pos``: (B, D)."""
+        x = self.label_embed(inputs) if pos == 0 else self.token_embed(inputs)  # (B, D)
+        x = x[:, None]  # (B, 1, D)
+        cos, sin = self._rope_tables(x.device)
+        rope = (cos[pos : pos + 1], sin[pos : pos + 1])  # (1, hd) each
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x = block.step(x, cache, pos, rope)
+        return self.cond_proj(self.norm(x))[:, 0]  # (B, D)
+
+    # -- training -------------------------------------------------------------------------------
+    def loss(self, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean diffusion loss over every (token, batch_mul copy). latents (N, C, H, W) normalized.
+
+        The backbone runs once; each condition is repeated ``batch_mul`` times with its own timestep
+        and noise, which amortises the backbone over several cheap head evaluations.
+        """
+        check_latents(latents, self.config)
+        check_labels(labels, self.config.num_classes)
+        if self.training:
+            labels = self.label_embed.drop(labels)  # label dropout trains the null class for CFG
+        tokens = patchify(latents, self.config.patch_size)  # (N, L, C p^2)
+        cond = self.forward_parallel(tokens, labels)  # (N, L, D)
+        m = self.config.batch_mul
+        x0 = tokens.reshape(-1, tokens.shape[-1]).repeat(m, 1)  # (m N L, C p^2)
+        c = cond.reshape(-1, cond.shape[-1]).repeat(m, 1)  # (m N L, D)
+        return self.process.loss(lambda x_t, t: self.head(x_t, t, c), x0).mean()
+
+    def forward(self, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss (so DDP/FSDP wrappers see a forward call)."""
+        return self.loss(latents, labels)
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: torch.Tensor,
+        sampler: SamplerConfig | None = None,
+        seed: int = 0,
+        sample_indices: Sequence[int] | None = None,
+        progress: bool = False,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Sample normalized latents (N, C, H, W) for class ``labels`` (N,).
+
+        The noise of sample k comes from a generator seeded by (seed, sample_indices[k]) (default
+        indices 0..N-1), so a sample does not depend on the batch it is generated in.
+        ``use_cache=False`` re-runs the backbone over the whole prefix for every token instead of
+        one KV-cached step (quadratic; for verification and benchmarks).
+        """
+        sampler = sampler or SamplerConfig()
+        cfg = self.config
+        check_labels(labels, cfg.num_classes)
+        check_sampler(self.process, sampler)
+        N, L, device = labels.shape[0], cfg.seq_len, labels.device
+        dtype = next(self.parameters()).dtype
+        noise = SampleNoise(seed, range(N) if sample_indices is None else sample_indices)
+        if len(noise) != N:
+            raise ValueError(f"sample_indices has {len(noise)} entries for {N} labels")
+        # Guidance runs unless it is a no-op everywhere (constant scale 1).
+        guided = sampler.cfg_scale != 1.0 or sampler.cfg_schedule != "constant"
+        # With guidance the batch is [labels; null labels]: both halves share every chosen token.
+        stream = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if guided else labels
+        caches = self.new_cache(stream.shape[0], device, dtype) if use_cache else []
+
+        def randn(shape: tuple[int, ...]) -> torch.Tensor:
+            return sampler.temperature * noise.randn(shape, device=device, dtype=dtype)
+
+        if use_cache:
+            cond = self.forward_recurrent(stream, 0, caches)  # (B, D)
+        else:  # a one-position prefix: the label alone (the placeholder token is never read)
+            placeholder = torch.zeros(stream.shape[0], 1, cfg.token_dim, device=device, dtype=dtype)
+            cond = self.forward_parallel(placeholder, stream)[:, 0]  # (B, D)
+        tokens = []
+        for i in tqdm(range(L), desc="tokens", disable=not progress, leave=False):
+            scale = cfg_scale_at(i, L, sampler.cfg_scale, sampler.cfg_schedule)
+
+            def denoise(x_t: torch.Tensor, t: torch.Tensor, cond=cond, scale=scale) -> torch.Tensor:
+                if not guided:
+                    return self.head(x_t, t, cond)
+                out = self.head(torch.cat([x_t, x_t]), torch.cat([t, t]), cond)  # (2N, C p^2)
+                return cfg_combine(*out.chunk(2), scale)
+
+            token = sample(self.process, denoise, randn((cfg.token_dim,)), sampler, randn=randn)  # (N, C p^2)
+            tokens.append(torch.cat([token, token]) if guided else token)  # (B, C p^2)
+            if i + 1 == L:
+                break
+            if use_cache:
+                cond = self.forward_recurrent(tokens[-1], i + 1, caches)
+            else:  # the prefix plus a placeholder for token i+1, which forward_parallel never reads
+                prefix = torch.stack(tokens + [tokens[-1]], dim=1)  # (B, i+2, C p^2)
+                cond = self.forward_parallel(prefix, stream)[:, -1]
+        seq = torch.stack(tokens, dim=1)[:N]  # (N, L, C p^2)
+        return unpatchify(seq, cfg.in_channels, cfg.input_size, cfg.patch_size)  # (N, C, H, W)

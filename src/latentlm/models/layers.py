@@ -1,0 +1,291 @@
+"""Building blocks shared by LatentLM and DiT: norms, SwiGLU, rotary, attention with KV cache,
+timestep/label embedders, adaLN modulation and the zero-initialised final layer.
+
+Importing this module never touches CUDA: the flash-attn probe runs lazily, on the first
+attention call that could use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------
+# Norms and MLPs
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm without a learned weight, computed in float32 (or float64) for stability under bf16."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), no biases. w1 and w3 are fused into one matmul."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (..., hidden) each
+        return self.w2(F.silu(gate) * up)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift; shift/scale broadcast over the token axis when x is (N, T, D)."""
+    if x.dim() == 3:
+        shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
+    return x * (1 + scale) + shift
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedders
+# ---------------------------------------------------------------------------------------------
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> D vectors: 256-d sinusoid -> Linear -> SiLU -> Linear (no biases)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim, bias=False), nn.SiLU(), nn.Linear(dim, dim, bias=False))
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """(N,) float timesteps (model units, e.g. 0..999) -> (N, dim) [cos | sin] features.
+
+        Computed in at least float32: timesteps up to 1000 are not representable in bf16.
+        """
+        dtype = torch.promote_types(t.dtype, torch.float32)
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+        args = t.to(dtype)[:, None] * freqs[None]  # (N, half)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = self.sinusoid(t, self.freq_dim)  # (N, 256)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> D vectors. Row ``num_classes`` is the null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def drop(self, labels: torch.Tensor) -> torch.Tensor:
+        """Replace each label by the null class with probability ``dropout_prob`` (global RNG)."""
+        if self.dropout_prob <= 0:
+            return labels
+        mask = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
+        return torch.where(mask, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.table(labels)  # (N, D)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, allow_null: bool = True) -> None:
+    """Refuse labels outside [0, num_classes] (num_classes itself is the null class)."""
+    if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)} {labels.dtype}")
+    if labels.numel() == 0:
+        raise ValueError("labels is empty: give at least one class id")
+    high = num_classes if allow_null else num_classes - 1
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi > high:
+        raise ValueError(f"label {lo if lo < 0 else hi} out of range: allowed 0..{num_classes - 1}"
+                         + (f" (and {num_classes} = null class)" if allow_null else ""))
+
+
+def check_latents(latents: torch.Tensor, cfg) -> None:
+    """Refuse latents whose shape is not (N, in_channels, input_size, input_size) of ``cfg``."""
+    expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    if latents.dim() != 4 or tuple(latents.shape[1:]) != expected:
+        raise ValueError(f"latents of shape {tuple(latents.shape)} do not match the model: expected "
+                         f"(N, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}) (in_channels, input_size)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_tables(length: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (length, head_dim) in float64 for rotate-half rotary embedding, positions 0..length-1."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None]  # (L, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (L, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, hd) by position tables cos/sin of shape (T, hd); math in >= float32."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(dtype)
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos.to(dtype) + rotated * sin.to(dtype)).to(x.dtype)
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (grid*grid, dim), raster order, float64 (as in MAE/DiT)."""
+    if dim % 4:
+        raise ValueError(f"hidden_size={dim} must be divisible by 4 for the 2-D sin-cos embedding")
+    coords = torch.arange(grid, dtype=torch.float64)
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")  # (grid, grid) each
+
+    def one_axis(pos: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (D/4,)
+        out = pos.reshape(-1)[:, None] * omega[None]  # (G*G, D/4)
+        return torch.cat([out.sin(), out.cos()], dim=1)  # (G*G, D/2)
+
+    return torch.cat([one_axis(gy), one_axis(gx)], dim=1)  # (G*G, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KVCache:
+    """Pre-allocated keys/values of one attention layer: (B, H_kv, L_max, hd) each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, length: int, head_dim: int, device, dtype) -> KVCache:
+        shape = (batch, kv_heads, length, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attn_func():
+    """flash_attn_func if flash-attn 2 imports, else None (probed once, lazily)."""
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:  # not installed, or built for another CUDA/torch
+        return None
+    return flash_attn_func
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] < 8:
+        return False
+    return _flash_attn_func() is not None
+
+
+class Attention(nn.Module):
+    """Multi-head attention with optional grouped-query heads, rotary positions and a KV cache.
+
+    Fused qkv and output projections without bias. SDPA always works; flash-attn 2 is used for
+    the full-sequence path on CUDA (capability >= 8) in fp16/bf16 when it imports.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, causal: bool) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.causal = causal
+        self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=False)
+        self.proj = nn.Linear(num_heads * self.head_dim, dim, bias=False)
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        hd, H, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        q, k, v = self.qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Full sequence: x (B, T, D) -> (B, T, D); rope tables (T, hd) or None."""
+        B, T, D = x.shape
+        q, k, v = self._split(x)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if _use_flash(q):
+            flash = _flash_attn_func()
+            out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=self.causal)  # (B,T,H,hd)
+            out = out.reshape(B, T, -1)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=self.causal, enable_gqa=self.num_kv_heads != self.num_heads
+            )  # (B, H, T, hd)
+            out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.proj(out)
+
+    def step(
+        self, x: torch.Tensor, cache: KVCache, pos: int, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """One new token at position ``pos``: x (B, 1, D) -> (B, 1, D); appends its k, v to ``cache``.
+
+        The query attends to cached positions 0..pos, which is exactly the causal row ``pos``.
+        """
+        B = x.shape[0]
+        q, k, v = self._split(x)  # q (B, H, 1, hd), k/v (B, Hkv, 1, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        cache.k[:, :, pos : pos + 1] = k
+        cache.v[:, :, pos : pos + 1] = v
+        keys, values = cache.k[:, :, : pos + 1], cache.v[:, :, : pos + 1]  # (B, Hkv, pos+1, hd)
+        out = F.scaled_dot_product_attention(q, keys, values, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(out.transpose(1, 2).reshape(B, 1, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+class FinalLayer(nn.Module):
+    """RMSNorm -> adaLN (shift, scale) -> Linear(D, out). Modulation and output are zero-initialised."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm()
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=False))
+        self.linear = nn.Linear(dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN(c).chunk(2, dim=-1)  # (N, D) each
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+def patchify(latents: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, L, C p^2) tokens in raster order, L = (H/p)(W/p); a token is (C, p, p) flattened."""
+    N, C, H, W = latents.shape
+    x = latents.reshape(N, C, H // p, p, W // p, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # (N, H/p, W/p, C, p, p)
+    return x.reshape(N, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, channels: int, side: int, p: int) -> torch.Tensor:
+    """Inverse of ``patchify``: (N, L, C p^2) -> (N, C, side, side)."""
+    N = tokens.shape[0]
+    g = side // p
+    x = tokens.reshape(N, g, g, channels, p, p)
+    x = x.permute(0, 3, 1, 4, 2, 5)  # (N, C, H/p, p, W/p, p)
+    return x.reshape(N, channels, side, side)

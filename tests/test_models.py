@@ -1,0 +1,215 @@
+"""Models: KV cache vs teacher forcing, causality, parameter counts, init, generation contracts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from latentlm import SamplerConfig, build_model, get_config, list_models, model_from_config
+from latentlm.config import ModelConfig, from_dict, to_dict
+from latentlm.models.layers import patchify, unpatchify
+
+TINY = dict(depth=2, hidden_size=64, num_heads=4, head_depth=2, in_channels=4, input_size=4, num_classes=10)
+
+
+def tiny(name: str = "Transformer-Tiny", **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, **{**TINY, **overrides}).eval()
+
+
+def conditions_both_ways(model, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced conditions (N, L, D) and KV-cached recurrent conditions (N, L, D)."""
+    model = model.to(dtype)
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(3, cfg.seq_len, cfg.token_dim, generator=g, dtype=dtype)
+    labels = torch.tensor([0, 5, cfg.num_classes])  # includes the null class
+    with torch.no_grad():
+        parallel = model.forward_parallel(tokens, labels)
+        caches = model.new_cache(3, tokens.device, dtype)
+        steps = [model.forward_recurrent(labels, 0, caches)]
+        for i in range(1, cfg.seq_len):
+            steps.append(model.forward_recurrent(tokens[:, i - 1], i, caches))
+    return parallel, torch.stack(steps, dim=1)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"num_kv_heads": 2}, {"num_kv_heads": 1}, {"patch_size": 2, "input_size": 8}],
+    ids=["mha", "gqa2", "mqa", "patch2"],
+)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+def test_kv_cache_equals_teacher_forcing(overrides, dtype, tol):
+    parallel, recurrent = conditions_both_ways(tiny(**overrides), dtype)
+    assert parallel.shape == recurrent.shape == (3, 16, 64)
+    assert (parallel - recurrent).abs().max().item() < tol
+
+
+def test_causality_perturbing_token_j_changes_only_later_positions():
+    model = tiny().double()
+    cfg = model.config
+    tokens = torch.randn(2, cfg.seq_len, cfg.token_dim, dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    j = 6
+    perturbed = tokens.clone()
+    perturbed[:, j] += 1.0
+    with torch.no_grad():
+        a, b = model.forward_parallel(tokens, labels), model.forward_parallel(perturbed, labels)
+    diff = (a - b).abs().amax(dim=(0, 2))  # (L,)
+    assert diff[: j + 1].max().item() < 1e-12  # condition i sees tokens < i only
+    assert diff[j + 1] > 1e-3  # the next position reads token j
+
+
+def count_params(name: str) -> int:
+    with torch.device("meta"):
+        model = build_model(name)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "name,expected,rel",
+    [("Transformer-Medium", 455.4e6, 0.002), ("LatentLM-L", 479e6, 0.01), ("Transformer-Large", 1.02e9, 0.01),
+     ("Transformer-XL", 1.82e9, 0.01), ("Transformer-3B", 3.68e9, 0.01)],
+)
+def test_parameter_counts(name, expected, rel):
+    n = count_params(name)
+    assert abs(n - expected) / expected < rel, f"{name}: {n / 1e6:.1f}M parameters"
+
+
+def test_paper_presets_are_imagenet_shaped():
+    cfg = get_config("Transformer-Medium")
+    assert (cfg.in_channels, cfg.input_size, cfg.patch_size, cfg.num_classes) == (16, 16, 1, 1000)
+    assert cfg.seq_len == 256 and cfg.ffn_dim == 4096
+    assert get_config("LatentLM-L").ffn_dim == 2730
+    assert get_config("DiT-XL").ffn_dim == int(2048 * 4 * 2 / 3 / 64) * 64
+    assert {"Transformer-Tiny", "DiT-Tiny", "DiT-Medium", "LatentLM-L"} <= set(list_models())
+
+
+def test_fresh_diffusion_head_outputs_exactly_zero():
+    model = tiny()
+    x = torch.randn(5, model.config.token_dim)
+    out = model.head(x, torch.rand(5) * 999, torch.randn(5, 64))
+    assert torch.equal(out, torch.zeros_like(out))
+    dit = tiny("DiT-Tiny")
+    latents = torch.randn(2, 4, 4, 4)
+    out = dit.denoise(latents, torch.tensor([10.0, 900.0]), torch.tensor([1, 10]))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_patchify_round_trip_and_raster_order(p):
+    x = torch.randn(2, 3, 8, 8)
+    tokens = patchify(x, p)
+    assert tokens.shape == (2, (8 // p) ** 2, 3 * p * p)
+    assert torch.equal(unpatchify(tokens, 3, 8, p), x)
+    # Token 1 is the patch right of token 0 (row-major raster order).
+    assert torch.equal(tokens[0, 1].reshape(3, p, p), x[0, :, :p, p : 2 * p])
+
+
+@pytest.mark.parametrize("name", ["Transformer-Tiny", "DiT-Tiny"])
+@pytest.mark.parametrize("process", [{"kind": "ddpm"}, {"kind": "flow"}])
+def test_loss_trains_every_part(name, process):
+    model = tiny(name, num_kv_heads=2, patch_size=2, input_size=8, process=process).train()
+    latents, labels = torch.randn(3, 4, 8, 8), torch.tensor([0, 3, 9])
+    loss = model(latents, labels)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    final = model.head.final.linear if name.startswith("Transformer") else model.final.linear
+    assert final.weight.grad.abs().sum() > 0  # zero-init output layer still gets a gradient
+
+
+def sampler(**kw) -> SamplerConfig:
+    return SamplerConfig(num_steps=kw.pop("num_steps", 4), **kw)
+
+
+def perturbed(model):
+    """A model whose head output is not zero (a fresh head predicts exactly 0 everywhere)."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("name", ["Transformer-Tiny", "DiT-Tiny"])
+def test_generation_is_deterministic_and_batch_independent(name):
+    model = perturbed(tiny(name))
+    s = sampler(cfg_scale=2.0)
+    a = model.generate(torch.tensor([3, 1, 2]), s, seed=7)
+    b = model.generate(torch.tensor([3, 1, 2]), s, seed=7)
+    assert torch.equal(a, b)  # bit-identical rerun
+    assert a.shape == (3, 4, 4, 4)
+    # Sample index 1 again, inside a batch of another size and composition.
+    c = model.generate(torch.tensor([5, 1, 7, 0]), s, seed=7, sample_indices=[10, 1, 11, 12])
+    assert (c[1] - a[1]).abs().max().item() < 1e-4
+    assert (c[0] - a[0]).abs().max().item() > 1e-3  # different index, different noise
+    d = model.generate(torch.tensor([3, 1, 2]), s, seed=8)
+    assert (d - a).abs().max().item() > 1e-3
+
+
+def test_guided_path_at_scale_one_equals_unguided():
+    model = perturbed(tiny())
+    labels = torch.tensor([4, 2])
+    plain = model.generate(labels, sampler(cfg_scale=1.0), seed=1)
+    # The linear schedule at scale 1 runs the [labels; null] batch with scale 1 at every token.
+    guided = model.generate(labels, sampler(cfg_scale=1.0, cfg_schedule="linear"), seed=1)
+    assert (plain - guided).abs().max().item() < 1e-5
+    strong = model.generate(labels, sampler(cfg_scale=4.0), seed=1)
+    assert (plain - strong).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["Transformer-Tiny", "DiT-Tiny"])
+@pytest.mark.parametrize("kind,sampler_name", [("ddpm", "ddim"), ("ddpm", "ddpm"), ("flow", "heun")])
+def test_every_sampler_generates_finite_latents(name, kind, sampler_name):
+    model = perturbed(tiny(name, process={"kind": kind}))
+    out = model.generate(torch.tensor([1, 2]), sampler(sampler=sampler_name, cfg_scale=1.5, temperature=0.9))
+    assert out.shape == (2, 4, 4, 4) and torch.isfinite(out).all()
+
+
+def test_config_round_trips_through_json():
+    model = tiny(num_kv_heads=2, process={"kind": "flow", "timestep_sampling": "logit_normal"})
+    restored_cfg = from_dict(ModelConfig, json.loads(json.dumps(to_dict(model.config))))
+    assert restored_cfg == model.config
+    restored = model_from_config(restored_cfg)
+    restored.load_state_dict(model.state_dict())
+    tokens = torch.randn(2, 16, 4)
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(restored.eval().forward_parallel(tokens, labels), model.forward_parallel(tokens, labels))
+
+
+def test_bad_inputs_raise_value_errors_naming_the_value():
+    model = tiny()
+    with pytest.raises(ValueError, match=r"\(N, 4, 4, 4\)"):
+        model.loss(torch.randn(2, 3, 4, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="label 11 out of range"):
+        model.loss(torch.randn(2, 4, 4, 4), torch.tensor([0, 11]))
+    with pytest.raises(ValueError, match="label -1 out of range"):
+        model.generate(torch.tensor([-1]))
+    with pytest.raises(ValueError, match="unknown model 'Transformer-Huge'.*Transformer-Tiny"):
+        build_model("Transformer-Huge")
+    with pytest.raises(ValueError, match="unknown model options"):
+        build_model("Transformer-Tiny", hidden=3)
+    with pytest.raises(ValueError, match="sampler.*'foo'"):
+        model.generate(torch.tensor([1]), SamplerConfig(sampler="foo"))
+    with pytest.raises(ValueError, match="num_kv_heads=3"):
+        build_model("Transformer-Tiny", num_kv_heads=3)
+    with pytest.raises(ValueError, match="input_size=6 is not divisible by patch_size=4"):
+        build_model("DiT-Tiny", input_size=6, patch_size=4)
+
+
+def test_import_and_cpu_forward_never_touch_cuda():
+    model = tiny()
+    model.loss(torch.randn(1, 4, 4, 4), torch.tensor([1]))
+    assert not torch.cuda.is_initialized()
+
+
+def test_cached_generation_equals_full_prefix_recompute():
+    model = perturbed(tiny(num_kv_heads=2))
+    labels = torch.tensor([4, 2, 10])
+    s = sampler(cfg_scale=2.5, cfg_schedule="linear")
+    cached = model.generate(labels, s, seed=3)
+    naive = model.generate(labels, s, seed=3, use_cache=False)
+    assert (cached - naive).abs().max().item() < 1e-4
