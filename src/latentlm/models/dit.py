@@ -92,12 +92,12 @@ class DiT(nn.Module):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """x_t (N, C, H, W), t (N,) in model time units, labels (N,) -> output (N, C, H, W) on all channels."""
         cfg = self.config
-        x = self.x_embed(patchify(x_t, cfg.patch_size))  # (N, L, D), L = (H/p)^2
+        x = self.x_embed(patchify(x_t, cfg.patch_size).to(self.x_embed.weight.dtype))  # (N, L, D), L = (H/p)^2
         x = x + self._pos_embed(x.device).to(x.dtype)
         c = self.t_embed(t) + self.y_embed(labels)  # (N, D)
         for block in self.blocks:
             x = block(x, c)
-        out = self.final(x, c)  # (N, L, C p^2)
+        out = self.final(x, c).to(x_t.dtype)  # (N, L, C p^2), in the solver's dtype
         return unpatchify(out, cfg.in_channels, cfg.input_size, cfg.patch_size)
 
     def loss(self, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -130,7 +130,7 @@ class DiT(nn.Module):
             raise ValueError(f"cfg_schedule={sampler.cfg_schedule!r} follows LatentLM's token order; "
                              "DiT allows only 'constant'")
         N, device = labels.shape[0], labels.device
-        dtype = next(self.parameters()).dtype
+        work = torch.promote_types(next(self.parameters()).dtype, torch.float32)  # solver state >= fp32
         noise = SampleNoise(seed, range(N) if sample_indices is None else sample_indices)
         if len(noise) != N:
             raise ValueError(f"sample_indices has {len(noise)} entries for {N} labels")
@@ -144,7 +144,7 @@ class DiT(nn.Module):
             return cfg_combine(*out.chunk(2), sampler.cfg_scale)  # guidance on every channel
 
         def randn(shape: tuple[int, ...]) -> torch.Tensor:
-            return sampler.temperature * noise.randn(shape, device=device, dtype=dtype)
+            return sampler.temperature * noise.randn(shape, device=device, dtype=work)
 
         shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         return sample(self.process, denoise, randn(shape), sampler, randn=randn)

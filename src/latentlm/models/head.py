@@ -38,7 +38,7 @@ class DiffusionHead(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x_t (N, C p^2), t (N,) in model time units, cond (N, D) -> output (N, C p^2)."""
         c = cond + self.time_embed(t)  # (N, D)
-        x = self.input_proj(x_t)  # (N, D)
+        x = self.input_proj(x_t.to(self.input_proj.weight.dtype))  # (N, D); solver state may be wider
         for block in self.blocks:
             x = block(x, c)
-        return self.final(x, c)  # (N, C p^2)
+        return self.final(x, c).to(x_t.dtype)  # (N, C p^2), in the solver's dtype

@@ -103,7 +103,7 @@ class LatentLM(nn.Module):
         Position 0 reads the label embedding, position i >= 1 reads token i-1, so the condition at
         position i sees the label and tokens 0..i-1 only.
         """
-        x = self.token_embed(tokens[:, :-1])  # (N, L-1, D)
+        x = self.token_embed(tokens[:, :-1].to(self.token_embed.weight.dtype))  # (N, T-1, D)
         x = torch.cat([self.label_embed(labels)[:, None], x], dim=1)  # (N, L, D)
         cos, sin = self._rope_tables(x.device)
         rope = (cos[: x.shape[1]], sin[: x.shape[1]])  # a prefix of T <= L positions is allowed
@@ -119,7 +119,10 @@ class LatentLM(nn.Module):
     def forward_recurrent(self, inputs: torch.Tensor, pos: int, caches: list[KVCache]) -> torch.Tensor:
         """One KV-cached backbone step. pos 0: ``inputs`` are labels (B,); pos i >= 1: the token
         generated at i-1, (B, C p^2). Returns the condition for token ``pos``: (B, D)."""
-        x = self.label_embed(inputs) if pos == 0 else self.token_embed(inputs)  # (B, D)
+        if pos == 0:
+            x = self.label_embed(inputs)  # (B, D)
+        else:
+            x = self.token_embed(inputs.to(self.token_embed.weight.dtype))  # (B, D)
         x = x[:, None]  # (B, 1, D)
         cos, sin = self._rope_tables(x.device)
         rope = (cos[pos : pos + 1], sin[pos : pos + 1])  # (1, hd) each
@@ -173,6 +176,7 @@ class LatentLM(nn.Module):
         check_sampler(self.process, sampler)
         N, L, device = labels.shape[0], cfg.seq_len, labels.device
         dtype = next(self.parameters()).dtype
+        work = torch.promote_types(dtype, torch.float32)  # solver state stays >= fp32 under bf16 weights
         noise = SampleNoise(seed, range(N) if sample_indices is None else sample_indices)
         if len(noise) != N:
             raise ValueError(f"sample_indices has {len(noise)} entries for {N} labels")
@@ -183,7 +187,7 @@ class LatentLM(nn.Module):
         caches = self.new_cache(stream.shape[0], device, dtype) if use_cache else []
 
         def randn(shape: tuple[int, ...]) -> torch.Tensor:
-            return sampler.temperature * noise.randn(shape, device=device, dtype=dtype)
+            return sampler.temperature * noise.randn(shape, device=device, dtype=work)
 
         if use_cache:
             cond = self.forward_recurrent(stream, 0, caches)  # (B, D)
