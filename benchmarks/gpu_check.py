@@ -11,7 +11,7 @@ Checks (each prints PASS/FAIL with the measured number):
   * the CUDA solver trajectory agrees with the CPU one in fp32;
   * bf16 autocast training steps of a small model reduce the loss.
 Then the throughput table: images/s of Transformer-Medium (also with GQA) and DiT-Medium at 256
-tokens, 20 DPM-Solver++ steps, CFG on, batch 64 and 256, in bf16.
+tokens, 20 DPM-Solver++ steps, CFG on, batch 64 to 512, in bf16, LatentLM eager and with CUDA graphs.
 """
 
 from __future__ import annotations
@@ -67,6 +67,13 @@ def correctness(dev: torch.device) -> None:
         c = model.generate(torch.tensor([5, 1, 7, 0], device=dev), s, seed=7, sample_indices=[10, 1, 11, 12])
         diff = (c[1] - a[1]).abs().max().item()
         check(f"{name} batch-independent", diff < 1e-4, f"max diff {diff:.1e}")
+        if name.startswith("Transformer"):
+            for sch in ("constant", "linear"):
+                s2 = SamplerConfig(num_steps=8, cfg_scale=2.0, cfg_schedule=sch)
+                eager = model.generate(labels, s2, seed=7, static=False)
+                graphed = model.generate(labels, s2, seed=7)  # CUDA graphs by default on CUDA
+                diff = (eager - graphed).abs().max().item()
+                check(f"{name} CUDA graphs == eager ({sch} CFG)", diff < 1e-4, f"max diff {diff:.1e}")
         cpu = model.cpu().generate(labels.cpu(), s, seed=7)
         diff = (cpu - a.cpu()).abs().max().item()
         check(f"{name} CUDA vs CPU samples", diff < 1e-3, f"max diff {diff:.1e}")
@@ -88,33 +95,42 @@ def correctness(dev: torch.device) -> None:
     check("bf16 autocast training", last < 0.8 * first, f"loss {first:.3f} -> {last:.3f}")
 
 
+def time_generate(model, batch: int, sampler: SamplerConfig, **kw) -> float:
+    labels = torch.arange(batch, device="cuda") % 1000
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(labels, sampler, **kw)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def throughput(dev: torch.device) -> None:
     sampler = SamplerConfig(num_steps=20, cfg_scale=1.65)
     print(f"\n{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, bf16, 256 tokens, "
-          f"20 DPM-Solver++ steps, CFG on (eager PyTorch, SDPA)")
-    print("| model | params | batch | s / batch | images/s |")
-    print("|---|---|---|---|---|")
+          f"20 DPM-Solver++ steps, CFG on (SDPA attention)")
+    print("| model | params | mode | batch | s / batch | images/s |")
+    print("|---|---|---|---|---|---|")
     rates = {}
-    for name, extra in [("Transformer-Medium", {}), ("Transformer-Medium", {"num_kv_heads": 4}), ("DiT-Medium", {})]:
+    runs = [("Transformer-Medium", {}, "eager", (64,)),
+            ("Transformer-Medium", {}, "CUDA graphs", (64, 256, 512)),
+            ("Transformer-Medium", {"num_kv_heads": 4}, "CUDA graphs", (64, 256, 512)),
+            ("DiT-Medium", {}, "eager", (64, 256, 512))]
+    for name, extra, mode, batches in runs:
         torch.manual_seed(0)
         model = build_model(name, **extra).to(dev, torch.bfloat16).eval()
+        kw = {"static": False} if mode == "eager" and name.startswith("Transformer") else {}
         label = name + (f" (GQA kv={extra['num_kv_heads']})" if extra else "")
         n = sum(p.numel() for p in model.parameters())
-        model.generate(torch.arange(8, device=dev), SamplerConfig(num_steps=2, cfg_scale=1.65))  # warm-up
-        for batch in (64, 256):
-            labels = torch.arange(batch, device=dev) % 1000
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            model.generate(labels, sampler)
-            torch.cuda.synchronize()
-            secs = time.perf_counter() - start
-            rates[(label, batch)] = batch / secs
-            print(f"| {label} | {n / 1e6:.0f}M | {batch} | {secs:.2f} | {batch / secs:.2f} |", flush=True)
+        time_generate(model, 8, SamplerConfig(num_steps=2, cfg_scale=1.65), **kw)  # warm-up
+        for batch in batches:
+            secs = time_generate(model, batch, sampler, **kw)
+            rates[(label, mode, batch)] = batch / secs
+            print(f"| {label} | {n / 1e6:.0f}M | {mode} | {batch} | {secs:.2f} | {batch / secs:.2f} |", flush=True)
         del model
         torch.cuda.empty_cache()
-    for batch in (64, 256):
-        ratio = rates[("Transformer-Medium", batch)] / rates[("DiT-Medium", batch)]
-        print(f"batch {batch}: LatentLM / DiT images/s = {ratio:.2f}")
+    for batch in (64, 256, 512):
+        ratio = rates[("Transformer-Medium", "CUDA graphs", batch)] / rates[("DiT-Medium", "eager", batch)]
+        print(f"batch {batch}: LatentLM (CUDA graphs) / DiT images/s = {ratio:.2f}")
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from latentlm.models.layers import (
     KVCache,
     LabelEmbedder,
     RMSNorm,
+    StaticGraph,
     SwiGLU,
     check_labels,
     check_latents,
@@ -44,7 +45,9 @@ class CausalBlock(nn.Module):
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
 
-    def step(self, x: torch.Tensor, cache: KVCache, pos: int, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, cache: KVCache, pos: int | torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         x = x + self.attn.step(self.norm1(x), cache, pos, rope)
         return x + self.mlp(self.norm2(x))
 
@@ -116,16 +119,23 @@ class LatentLM(nn.Module):
         return [KVCache.empty(batch, c.kv_heads, c.seq_len, c.hidden_size // c.num_heads, device, dtype)
                 for _ in range(c.depth)]
 
-    def forward_recurrent(self, inputs: torch.Tensor, pos: int, caches: list[KVCache]) -> torch.Tensor:
+    def forward_recurrent(self, inputs: torch.Tensor, pos: int | torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         """One KV-cached backbone step. pos 0: ``inputs`` are labels (B,); pos i >= 1: the token
-        generated at i-1, (B, C p^2). Returns the condition for token ``pos``: (B, D)."""
-        if pos == 0:
+        generated at i-1, (B, C p^2). Returns the condition for token ``pos``: (B, D).
+
+        ``pos`` may be a (1,) int64 tensor (i >= 1 only): then every shape is fixed and the step can
+        be captured once as a CUDA graph and replayed for every position.
+        """
+        if isinstance(pos, int) and pos == 0:
             x = self.label_embed(inputs)  # (B, D)
         else:
             x = self.token_embed(inputs.to(self.token_embed.weight.dtype))  # (B, D)
         x = x[:, None]  # (B, 1, D)
         cos, sin = self._rope_tables(x.device)
-        rope = (cos[pos : pos + 1], sin[pos : pos + 1])  # (1, hd) each
+        if isinstance(pos, int):
+            rope = (cos[pos : pos + 1], sin[pos : pos + 1])  # (1, hd) each
+        else:
+            rope = (cos.index_select(0, pos), sin.index_select(0, pos))
         for block, cache in zip(self.blocks, caches, strict=True):
             x = block.step(x, cache, pos, rope)
         return self.cond_proj(self.norm(x))[:, 0]  # (B, D)
@@ -162,13 +172,18 @@ class LatentLM(nn.Module):
         sample_indices: Sequence[int] | None = None,
         progress: bool = False,
         use_cache: bool = True,
+        static: bool | None = None,
     ) -> torch.Tensor:
         """Sample normalized latents (N, C, H, W) for class ``labels`` (N,).
 
         The noise of sample k comes from a generator seeded by (seed, sample_indices[k]) (default
         indices 0..N-1), so a sample does not depend on the batch it is generated in.
+
         ``use_cache=False`` re-runs the backbone over the whole prefix for every token instead of
-        one KV-cached step (quadratic; for verification and benchmarks).
+        one KV-cached step (quadratic; for verification and benchmarks). ``static`` runs every token
+        with fixed shapes (masked attention over the whole cache) so that, on CUDA, the backbone step
+        and the head's solver run are each captured once as CUDA graphs and replayed per token.
+        Default: on for CUDA with a cache and a deterministic sampler, off otherwise.
         """
         sampler = sampler or SamplerConfig()
         cfg = self.config
@@ -180,35 +195,57 @@ class LatentLM(nn.Module):
         noise = SampleNoise(seed, range(N) if sample_indices is None else sample_indices)
         if len(noise) != N:
             raise ValueError(f"sample_indices has {len(noise)} entries for {N} labels")
+        if static is None:
+            static = device.type == "cuda" and use_cache and sampler.sampler != "ddpm"
+        if static and (not use_cache or sampler.sampler == "ddpm"):
+            raise ValueError("static=True needs use_cache=True and a deterministic sampler (not 'ddpm', "
+                             "which draws noise inside the solver loop)")
+        capture = static and device.type == "cuda"
         # Guidance runs unless it is a no-op everywhere (constant scale 1).
         guided = sampler.cfg_scale != 1.0 or sampler.cfg_schedule != "constant"
         # With guidance the batch is [labels; null labels]: both halves share every chosen token.
         stream = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if guided else labels
-        caches = self.new_cache(stream.shape[0], device, dtype) if use_cache else []
+        B = stream.shape[0]
+        caches = self.new_cache(B, device, dtype) if use_cache else []
 
         def randn(shape: tuple[int, ...]) -> torch.Tensor:
             return sampler.temperature * noise.randn(shape, device=device, dtype=work)
 
-        if use_cache:
-            cond = self.forward_recurrent(stream, 0, caches)  # (B, D)
-        else:  # a one-position prefix: the label alone (the placeholder token is never read)
-            placeholder = torch.zeros(stream.shape[0], 1, cfg.token_dim, device=device, dtype=dtype)
-            cond = self.forward_parallel(placeholder, stream)[:, 0]  # (B, D)
-        tokens = []
-        for i in tqdm(range(L), desc="tokens", disable=not progress, leave=False):
-            scale = cfg_scale_at(i, L, sampler.cfg_scale, sampler.cfg_schedule)
+        def solve(x_T: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+            """One full solver run of the head: x_T (N, C p^2), cond (B, D) -> token (N, C p^2)."""
 
-            def denoise(x_t: torch.Tensor, t: torch.Tensor, cond=cond, scale=scale) -> torch.Tensor:
+            def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 if not guided:
                     return self.head(x_t, t, cond)
                 out = self.head(torch.cat([x_t, x_t]), torch.cat([t, t]), cond)  # (2N, C p^2)
                 return cfg_combine(*out.chunk(2), scale)
 
-            token = sample(self.process, denoise, randn((cfg.token_dim,)), sampler, randn=randn)  # (N, C p^2)
+            return sample(self.process, denoise, x_T, sampler, randn=randn)
+
+        if use_cache:
+            cond = self.forward_recurrent(stream, 0, caches)  # (B, D)
+        else:  # a one-position prefix: the label alone (the placeholder token is never read)
+            placeholder = torch.zeros(B, 1, cfg.token_dim, device=device, dtype=dtype)
+            cond = self.forward_parallel(placeholder, stream)[:, 0]  # (B, D)
+        step = solve_token = None
+        if static:
+            token0 = torch.zeros(B, cfg.token_dim, device=device, dtype=work)
+            pos0 = torch.ones(1, dtype=torch.long, device=device)
+            step = StaticGraph(lambda tok, pos: self.forward_recurrent(tok, pos, caches), token0, pos0,
+                               capture=capture and L > 1)
+            scale0 = torch.ones((), device=device, dtype=work)
+            solve_token = StaticGraph(solve, token0[:N], cond, scale0, capture=capture)
+        tokens = []
+        for i in tqdm(range(L), desc="tokens", disable=not progress, leave=False):
+            scale = cfg_scale_at(i, L, sampler.cfg_scale, sampler.cfg_schedule)
+            x_T = randn((cfg.token_dim,))  # (N, C p^2)
+            token = solve_token(x_T, cond, scale) if static else solve(x_T, cond, scale)
             tokens.append(torch.cat([token, token]) if guided else token)  # (B, C p^2)
             if i + 1 == L:
                 break
-            if use_cache:
+            if static:
+                cond = step(tokens[-1], i + 1)
+            elif use_cache:
                 cond = self.forward_recurrent(tokens[-1], i + 1, caches)
             else:  # the prefix plus a placeholder for token i+1, which forward_parallel never reads
                 prefix = torch.stack(tokens + [tokens[-1]], dim=1)  # (B, i+2, C p^2)

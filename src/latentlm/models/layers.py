@@ -238,21 +238,72 @@ class Attention(nn.Module):
         return self.proj(out)
 
     def step(
-        self, x: torch.Tensor, cache: KVCache, pos: int, rope: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        x: torch.Tensor,
+        cache: KVCache,
+        pos: int | torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
-        """One new token at position ``pos``: x (B, 1, D) -> (B, 1, D); appends its k, v to ``cache``.
+        """One new token at position ``pos``: x (B, 1, D) -> (B, 1, D); writes its k, v into ``cache``.
 
         The query attends to cached positions 0..pos, which is exactly the causal row ``pos``.
+        ``pos`` as an int slices the cache; as a (1,) int64 tensor every shape is fixed (the whole
+        cache is attended with a mask), so the step can be replayed as a CUDA graph.
         """
         B = x.shape[0]
         q, k, v = self._split(x)  # q (B, H, 1, hd), k/v (B, Hkv, 1, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        cache.k[:, :, pos : pos + 1] = k
-        cache.v[:, :, pos : pos + 1] = v
-        keys, values = cache.k[:, :, : pos + 1], cache.v[:, :, : pos + 1]  # (B, Hkv, pos+1, hd)
-        out = F.scaled_dot_product_attention(q, keys, values, enable_gqa=self.num_kv_heads != self.num_heads)
+        if isinstance(pos, int):
+            cache.k[:, :, pos : pos + 1] = k
+            cache.v[:, :, pos : pos + 1] = v
+            keys, values, mask = cache.k[:, :, : pos + 1], cache.v[:, :, : pos + 1], None  # (B, Hkv, pos+1, hd)
+        else:
+            cache.k.index_copy_(2, pos, k.to(cache.k.dtype))
+            cache.v.index_copy_(2, pos, v.to(cache.v.dtype))
+            keys, values = cache.k, cache.v  # (B, Hkv, L_max, hd); slots after pos are masked out
+            mask = torch.arange(cache.k.shape[2], device=pos.device)[None, None, None, :] <= pos  # (1, 1, 1, L_max)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
+        )  # (B, H, 1, hd)
         return self.proj(out.transpose(1, 2).reshape(B, 1, -1))
+
+
+class StaticGraph:
+    """Runs ``fn`` on fixed input buffers; on CUDA (``capture=True``) as one replayed CUDA graph.
+
+    Per-token generation is hundreds of small kernels per step; replaying them as a graph removes
+    the launch overhead that otherwise dominates on a GPU. Inputs are copied into the buffers (tensors)
+    or filled in (Python numbers); the output buffer is cloned so callers may keep it.
+    With ``capture=False`` the same fixed-shape code runs eagerly (CPU, tests).
+    """
+
+    def __init__(self, fn, *examples: torch.Tensor, capture: bool) -> None:
+        self.fn = fn
+        self.inputs = [e.clone() for e in examples]
+        self.graph = None
+        if capture:
+            # Warm up on a side stream first (lazy inits, autotuning), as CUDA graph capture requires.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = fn(*self.inputs)
+
+    def __call__(self, *args) -> torch.Tensor:
+        for buffer, value in zip(self.inputs, args, strict=True):
+            if isinstance(value, torch.Tensor):
+                buffer.copy_(value)
+            else:
+                buffer.fill_(value)
+        if self.graph is None:
+            return self.fn(*self.inputs)
+        self.graph.replay()
+        return self.output.clone()
 
 
 # ---------------------------------------------------------------------------------------------
