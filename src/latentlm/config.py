@@ -158,3 +158,178 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
             value = from_dict(nested, value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, data, tokenizer and command configs (the trainer and the CLI)
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """An invalid option, found before any data or model work; the CLI prints it and exits with code 2."""
+
+
+DataKind = Literal["folder", "digits"]
+TokenizerKind = Literal["identity", "sigma_vae"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+LRSchedule = Literal["cosine", "constant"]
+
+
+@dataclass
+class DataConfig:
+    """Where training images come from. Every source yields (image (3, S, S) in [-1, 1], label)."""
+
+    kind: DataKind = "folder"  # "folder": ImageFolder at `path` (one sub-folder per class); "digits": bundled
+    path: str | None = None  # ImageFolder root (kind "folder"); never downloaded
+    image_size: int = 256  # S: ADM centre crop to S x S; must be divisible by the tokenizer's factor
+    hflip: bool = True  # random horizontal flip, drawn from the (checkpointed) torch RNG in the trainer
+    num_workers: int = 4  # DataLoader worker processes per training process (0: load in the main process)
+    num_classes: int | None = None  # None: the number of classes the data has
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer turns images into latents, and how its normalization is fitted."""
+
+    kind: TokenizerKind = "identity"  # "identity": pixels (f x f patches) as latents; "sigma_vae": a σ-VAE file
+    path: str | None = None  # tokenizer checkpoint (σ-VAE: .safetensors file or its directory)
+    patch: int = 1  # identity only: f, so a latent has 3 f^2 channels and side S / f
+    sample_posterior: bool = True  # train on posterior samples (False: the posterior mode)
+    # Images whose latents estimate scale = 1/std and bias = -mean (all when the data has fewer);
+    # 0 keeps the tokenizer's stored stats (e.g. a σ-VAE saved with its own).
+    norm_images: int = 10_000
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the paper's tokenizer-analysis recipe (SPEC §8)."""
+
+    config: str | None = None  # recipe YAML; its values are defaults that command-line flags override
+    output_dir: str = "runs/latentlm"  # run directory: checkpoints/, tb/, samples/, loss.png, train.log
+    model: ModelConfig = field(default_factory=ModelConfig)  # in_channels/input_size/num_classes come from data
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # -- schedule --
+    max_steps: int = 200_000  # optimizer steps; also the length of the cosine decay
+    stop_at_step: int | None = None  # checkpoint and stop here without changing the LR schedule (time limits)
+    batch_size: int = 256  # global images per optimizer step (all processes x all accumulation micro-steps)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; per-process micro-batch = batch / (procs x this)
+    # -- optimizer (AdamW) --
+    lr: float = 1e-4  # peak learning rate, reached after warm-up
+    min_lr: float = 0.0  # cosine decays to this at max_steps
+    warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr
+    lr_schedule: LRSchedule = "cosine"  # after warm-up: "cosine" decay to min_lr, or "constant"
+    betas: tuple[float, float] = (0.9, 0.98)  # paper; PyTorch's default 0.999 is slower to adapt
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # tokenizer-analysis recipe (the reference script used 0.01)
+    decay_all_params: bool = False  # False: norms, biases and embedding tables get no weight decay
+    grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
+    # -- EMA of the weights (used for samples) --
+    ema_decay: float = 0.9999  # EMA decay per step once warmed up (paper)
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + t) / (10 + t)) at update t, so early EMA tracks the model
+    # -- hardware --
+    mixed_precision: MixedPrecision = "bf16"  # "fp16" needs a CUDA GPU; use "no" on CPU (bf16 matmul is slow there)
+    cpu: bool = False  # train on CPU even when a GPU is visible
+    allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (fp32 runs only)
+    seed: int = 0  # model init, data order, noise; a run is reproducible from (config, seed)
+    # -- checkpoints and failures --
+    checkpoint_every: int = 5_000  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a newer one is complete
+    resume: str | None = None  # "auto": newest complete checkpoint in output_dir (none: start fresh); or a path
+    allow_arch_change: bool = False  # resume even though the checkpoint's architecture differs (weights must fit)
+    max_nonfinite_steps: int = 10  # consecutive steps with non-finite loss/gradients (skipped) before stopping
+    # -- monitoring --
+    log_every: int = 50  # steps between TensorBoard scalars and log lines
+    sample_every: int = 5_000  # steps between sample-grid PNGs from the EMA weights (0: never)
+    sample_classes: int = 8  # classes in those grids (spread evenly over all classes), 4 images each
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # for the grids
+    tensorboard: bool = True  # scalars (loss, LR, grad norm, images/s) under output_dir/tb
+    progress: bool = True  # tqdm bar with loss, LR and images/s
+
+
+@dataclass
+class SampleCommandConfig:
+    """`latentlm sample`: a labelled grid PNG from a checkpoint."""
+
+    checkpoint: str  # a checkpoint directory, or a run directory (its newest complete checkpoint)
+    out: str = "samples/grid.png"  # PNG path; missing folders are created
+    classes: tuple[int, ...] = (0, 1, 2, 3)  # one grid row per class id
+    per_class: int = 8  # images per row
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # solver, steps, CFG scale, temperature
+    seed: int = 0  # image k of the grid uses noise seeded by (seed, k)
+    ema: bool = True  # EMA weights (False: the raw training weights)
+    tokenizer_path: str | None = None  # override the tokenizer file recorded in the checkpoint
+    device: str = "auto"  # "auto": CUDA when available, else CPU; or any torch device string
+
+
+# ---------------------------------------------------------------------------------------------
+# Large-scale generation and evaluation (FID-50K): sample-many, evaluate, reference-stats
+# ---------------------------------------------------------------------------------------------
+
+WeightsDtype = Literal["float32", "bfloat16"]
+
+
+@dataclass
+class SampleManyConfig:
+    """`latentlm sample-many`: many images from a checkpoint as one ADM-evaluator ``.npz``.
+
+    Image k's noise (and its class in random-class mode) depends only on (seed, k); the work is cut
+    into fixed shards of ``images_per_shard`` indices, so the file is byte-identical for any number of
+    processes (``torchrun`` / ``accelerate launch``) at the same thread count per process.
+    """
+
+    checkpoint: str | None = None  # checkpoint or run directory (its newest complete checkpoint); required
+    out: str = "samples/samples.npz"  # arr_0: uint8 (N, S, S, 3); arr_1: int64 labels (N,); settings in <out>.json
+    per_class: int = 50  # images per class; image k has class k mod num_classes (50 x 1000 = FID-50K)
+    num_images: int | None = None  # instead: N images with classes drawn uniformly from (seed, k)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # solver, steps, CFG scale/schedule, temperature
+    seed: int = 0  # image k's noise stream is seeded by (seed, k)
+    ema: bool = True  # EMA weights (False: the raw training weights)
+    tokenizer_path: str | None = None  # override the tokenizer file recorded in the checkpoint
+    images_per_shard: int = 1000  # unit of work, of atomic writes and of resume (<out stem>.shards/)
+    batch_size: int = 125  # images per model.generate call (doubled inside under CFG); fixed per shard
+    weights_dtype: WeightsDtype = "float32"  # "bfloat16": bf16 weights, solver state fp32 (GPU throughput)
+    png_dir: str | None = None  # also write <png_dir>/<k, 6 digits>.png for every image
+    keep_shards: bool = False  # keep <out stem>.shards/ once the .npz is assembled (default: delete them)
+    device: str = "auto"  # "auto": cuda:<LOCAL_RANK> when available, else CPU; or any torch device string
+    progress: bool = True  # tqdm bar (first process) with images/s and ETA
+
+
+@dataclass
+class EvaluateConfig(SampleManyConfig):
+    """`latentlm evaluate`: FID, IS, sFID, precision/recall of ``out`` against ``reference``.
+
+    With ``checkpoint``, ``out`` is generated first (resuming a partial run; skipped when complete
+    with the same settings). Checkpoints trained on the bundled digits also get the digit-classifier
+    accuracy and Fréchet distance. Results go to ``results`` with every setting that produced them.
+    """
+
+    reference: str | None = None  # ADM reference batch (.npz: arr_0 + mu/sigma), a mu/sigma .npz, or reference-stats
+    inception_weights: str | None = None  # torch-fidelity Inception .pth; None: the torch hub cache (never downloads)
+    results: str | None = None  # JSON path; None: <out stem>.eval.json
+    eval_images: int | None = None  # score the first N images of out (refused if it has fewer); None: all
+    inception_batch_size: int = 64  # images per Inception forward (torch-fidelity's default)
+    isc_splits: int = 10  # Inception Score splits (torch-fidelity's default)
+    prc_neighborhood: int = 3  # k of the k-NN manifolds of precision/recall (ADM, Kynkäänniemi et al.)
+
+
+@dataclass
+class ReferenceStatsConfig:
+    """`latentlm reference-stats`: Inception statistics of an ImageFolder, saved as an ADM-style ``.npz``.
+
+    Images get the training pipeline's ADM centre crop to ``image_size``; the file holds ``mu``/``sigma``
+    (pool_3, 2048-d), ``mu_s``/``sigma_s`` (spatial mixed_6/conv features, 2023-d) and, when
+    ``save_images`` > 0, ``arr_0`` (uint8 images for precision/recall).
+    """
+
+    folder: str  # ImageFolder root: one sub-folder per class, images inside (searched recursively)
+    out: str = "reference.npz"  # output .npz; a JSON with the settings is written beside it
+    image_size: int = 256  # S of the ADM centre crop (the generated images' size)
+    max_images: int | None = None  # a seeded random subset of this many images; None: all of them
+    save_images: int = 10_000  # the first this-many images of the (seeded) order are stored as arr_0; 0: none
+    seed: int = 0  # order of the images (the subset and the stored ones)
+    inception_weights: str | None = None  # torch-fidelity Inception .pth; None: the torch hub cache (never downloads)
+    batch_size: int = 64  # images per Inception forward
+    num_workers: int = 4  # DataLoader processes decoding and cropping images
+    device: str = "auto"  # "auto": CUDA when available, else CPU
+    progress: bool = True

@@ -1,0 +1,312 @@
+"""Crash-proof training checkpoints: one directory per step, a completeness marker written last.
+
+Layout of ``<output_dir>/checkpoints/step-00001000/``::
+
+    model.safetensors   training weights (fp32)
+    ema.safetensors     EMA weights (what sampling uses by default)
+    config.json         {"train": TrainConfig as a dict (resolved model config inside), "class_names": [...]}
+    tokenizer.json      kind, constructor arguments, source file, fingerprint and the normalization
+                        stats (scale = 1/std, bias = -mean) the model was trained with
+    state.json          step, data position, loss history, non-finite-step counters
+    optimizer.pt        AdamW state dict          } torch.save of tensors and plain containers only;
+    schedule.pt         LR scheduler (+ GradScaler) } read back with torch.load(weights_only=True)
+    rng-rank{r}.pt      torch RNG state of process r (CPU and CUDA)
+    COMPLETE            JSON {"step", "files": {name: size}}, written last by atomic rename
+
+Every file is written to a temporary name, fsynced and renamed into place, so a crash leaves
+either the old bytes or the new ones. A directory without ``COMPLETE`` (or whose files do not
+match the sizes it lists) is incomplete: resume skips it and says why. Old checkpoints are
+deleted only after a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+CHECKPOINTS_DIR = "checkpoints"
+MAIN_FILES = ("model.safetensors", "ema.safetensors", "config.json", "tokenizer.json", "state.json",
+              "optimizer.pt", "schedule.pt")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Weights with NaN/inf were about to be checkpointed; nothing was written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic file writes
+# ---------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, rename it to ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, allow_nan=True)))
+
+
+def write_torch(path: Path, obj: Any) -> None:
+    """torch.save of tensors and plain containers (what ``torch.load(weights_only=True)`` reads)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_safetensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+
+def read_torch(path: Path) -> Any:
+    """Load a file written by ``write_torch``; never unpickles arbitrary objects."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    """``<output_dir>/checkpoints/step-<step, 8 digits>``."""
+    return Path(output_dir) / CHECKPOINTS_DIR / f"step-{step:08d}"
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise ``NonFiniteWeightsError`` naming the first tensor of ``state`` with NaN/inf."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteWeightsError(f"{what} tensor {name!r} has NaN/inf values; refusing to checkpoint it")
+
+
+def begin_checkpoint(path: Path) -> None:
+    """Prepare an empty directory for a new checkpoint (a stale incomplete one is removed first)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def write_main_files(
+    path: Path,
+    *,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    tokenizer: dict[str, Any],
+    state: dict[str, Any],
+    optimizer: dict[str, Any],
+    schedule: dict[str, Any],
+) -> None:
+    """Write everything but the per-process RNG files and the marker (main process only).
+
+    Weights are checked first: non-finite weights are never written (``NonFiniteWeightsError``).
+    """
+    check_finite(model, "model")
+    check_finite(ema, "EMA")
+    write_safetensors(path / "model.safetensors", model)
+    write_safetensors(path / "ema.safetensors", ema)
+    write_json(path / "config.json", config)
+    write_json(path / "tokenizer.json", tokenizer)
+    write_json(path / "state.json", state)
+    write_torch(path / "optimizer.pt", optimizer)
+    write_torch(path / "schedule.pt", schedule)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch RNG state: CPU, and the current CUDA device when there is one."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def write_rng(path: Path, rank: int) -> None:
+    """Each process writes its own RNG state (``rng-rank<r>.pt``)."""
+    write_torch(path / f"rng-rank{rank}.pt", rng_state())
+
+
+def mark_complete(path: Path, step: int, world_size: int) -> None:
+    """Write the ``COMPLETE`` marker, last and atomically, after checking every file is there."""
+    names = [*MAIN_FILES, *(f"rng-rank{r}.pt" for r in range(world_size))]
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} is missing {missing}; not marking it complete")
+    files = {n: (path / n).stat().st_size for n in names}
+    write_json(path / MARKER, {"step": step, "world_size": world_size, "files": files})
+    _fsync_dir(path)
+    _fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding, pruning and reading checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointEntry:
+    """One ``step-*`` directory; ``problem`` is None for a complete checkpoint, else why it is not."""
+
+    step: int
+    path: Path
+    problem: str | None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or None when it is."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"no {MARKER} marker (the run stopped while writing it)"
+    try:
+        info = json.loads(marker.read_text())
+        files = dict(info["files"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable {MARKER} marker ({err})"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the marker says {size}"
+    return None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[CheckpointEntry]:
+    """All ``step-*`` directories under ``<output_dir>/checkpoints``, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    entries = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir():
+            entries.append(CheckpointEntry(int(match.group(1)), path, checkpoint_problem(path)))
+    return sorted(entries, key=lambda e: e.step)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike, report: Callable[[str], None] = log.warning) -> Path | None:
+    """The newest complete checkpoint under ``output_dir``; newer incomplete ones are reported and skipped."""
+    for entry in reversed(list_checkpoints(output_dir)):
+        if entry.problem is None:
+            return entry.path
+        report(f"skipping incomplete checkpoint {entry.path}: {entry.problem}")
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from a checkpoint, a ``checkpoints/`` folder or a run directory.
+
+    Raises ``FileNotFoundError`` (nothing there) or ``ValueError`` (an incomplete checkpoint).
+    """
+    path = Path(path)
+    if _STEP_DIR.match(path.name) and path.is_dir():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise ValueError(f"checkpoint {path} is incomplete: {problem}")
+        return path
+    run_dir = path.parent if path.name == CHECKPOINTS_DIR else path
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint at {path} (expected step-* under {run_dir / CHECKPOINTS_DIR})")
+    return found
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and incomplete ones older than the
+    newest complete one. Returns the deleted paths."""
+    entries = list_checkpoints(output_dir)
+    complete = [e for e in entries if e.problem is None]
+    if not complete:
+        return []
+    newest = complete[-1].step
+    doomed = list(complete[:-keep_last]) if keep_last > 0 else []
+    doomed += [e for e in entries if e.problem is not None and e.step < newest]
+    for entry in doomed:
+        shutil.rmtree(entry.path, ignore_errors=True)
+    return [e.path for e in doomed]
+
+
+@dataclass
+class Checkpoint:
+    """What ``load_checkpoint`` reads (RNG states stay on disk: each process reads its own)."""
+
+    path: Path
+    step: int
+    config: dict[str, Any]  # {"train": ..., "class_names": ...}
+    tokenizer: dict[str, Any]
+    state: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    schedule: dict[str, Any]
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(path: str | os.PathLike, weights_only: bool = False) -> Checkpoint:
+    """Read a complete checkpoint on CPU. ``weights_only`` skips the optimizer and schedule files."""
+    path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ValueError(f"checkpoint {path} is incomplete: {problem}")
+    state = read_json(path / "state.json")
+    return Checkpoint(
+        path=path,
+        step=int(state["step"]),
+        config=read_json(path / "config.json"),
+        tokenizer=read_json(path / "tokenizer.json"),
+        state=state,
+        model=load_file(path / "model.safetensors"),
+        ema=load_file(path / "ema.safetensors"),
+        optimizer={} if weights_only else read_torch(path / "optimizer.pt"),
+        schedule={} if weights_only else read_torch(path / "schedule.pt"),
+    )
+
+
+def load_rng(path: Path, rank: int) -> dict[str, torch.Tensor] | None:
+    """Process ``rank``'s RNG state from a checkpoint, or None if that process did not exist then."""
+    file = path / f"rng-rank{rank}.pt"
+    return read_torch(file) if file.is_file() else None
