@@ -5,6 +5,7 @@ Importing the package never touches CUDA.
 
 from latentlm.config import ModelConfig, ProcessConfig, SamplerConfig
 from latentlm.models import build_model, get_config, list_models, model_from_config
+from latentlm.tokenizers import load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,6 @@ __all__ = [
     "build_model",
     "get_config",
     "list_models",
+    "load_tokenizer",
     "model_from_config",
 ]

@@ -41,7 +41,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from latentlm import checkpoint as ckpt_io
 from latentlm.config import ConfigError, ModelConfig, TrainConfig, from_dict, to_dict
-from latentlm.data import build_dataset, check_data_config, class_names, dataset_num_classes
+from latentlm.data import (
+    BadImage,
+    build_dataset,
+    check_bad_fraction,
+    check_data_config,
+    class_names,
+    collate_skipping_bad,
+    dataset_num_classes,
+    select_moments,
+)
 from latentlm.models import model_from_config
 from latentlm.sample import check_sampling_options, generate_grid
 from latentlm.tokenizers import Tokenizer, build_tokenizer, tokenizer_record
@@ -71,6 +80,7 @@ class TrainResult:
     checkpoint: Path | None  # newest complete checkpoint (written or resumed from)
     interrupted: bool  # stopped by SIGTERM/SIGUSR1 after writing `checkpoint`
     nonfinite_steps: int  # steps skipped for non-finite loss or gradients, whole run
+    bad_images: int  # unreadable images skipped (all processes, every time one was drawn), whole run
     model: nn.Module = dataclasses.field(repr=False)  # the trained weights (unwrapped, on the training device)
     ema: nn.Module = dataclasses.field(repr=False)  # their EMA (what samples use)
 
@@ -195,16 +205,41 @@ def fit_normalization(tokenizer: Tokenizer, dataset: Dataset, num_images: int, s
     count = min(num_images, len(dataset))
     pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
     loader = DataLoader(Subset(dataset, pick.tolist()), batch_size=batch_size, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(seed), collate_fn=collate_skipping_bad)
     noise = torch.Generator(device).manual_seed(seed)
     yields_latents = getattr(dataset, "yields_latents", False)
 
     def raw_latents() -> Iterator[torch.Tensor]:
-        for x, _ in loader:
+        for x, _, _ in loader:
+            if x is None:  # every image of the batch was unreadable
+                continue
             x = x.to(device)
             yield x if yields_latents else tokenizer.encode_raw(x, sample=sample_posterior, generator=noise)
 
     return tokenizer.fit_normalization(raw_latents())
+
+
+@torch.no_grad()
+def batch_latents(inputs: Any, tokenizer: Tokenizer, hflip: bool, sample_posterior: bool, source: str,
+                  device: torch.device) -> torch.Tensor:
+    """Normalized latents (N, C, h, w) of one micro-batch, with the horizontal flip and the posterior sample drawn
+    from the global (checkpointed) RNG.
+
+    ``source`` says what ``inputs`` are: ``"images"`` (N, 3, S, S) in [-1, 1], encoded here; ``"latents"``, raw
+    latents (N, C, h, w); or ``"moments"``, a latent cache's dict of posterior moments of each image and of its
+    flip. Images and moments draw the same random numbers in the same order (flip: one uniform per item; then the
+    tokenizer's posterior noise), so a cache of float32 moments trains exactly like the images it was made from.
+    """
+    if source == "moments":
+        batch = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        flip = torch.rand(batch["mean"].shape[0], device=device) < 0.5 if hflip else None  # (N,)
+        mean, std = select_moments(batch, flip)  # (N, C, h, w), std None for deterministic tokenizers
+        return tokenizer.normalize(tokenizer.sample_posterior(mean, std) if sample_posterior else mean)
+    images = inputs.to(device, non_blocking=True)
+    if hflip:
+        flip = torch.rand(images.shape[0], device=device) < 0.5  # (N,)
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    return tokenizer.normalize(images) if source == "latents" else tokenizer.encode(images, sample=sample_posterior)
 
 
 def save_loss_curve(losses: list[float], path: Path) -> None:
@@ -325,10 +360,13 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, model
 def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` (or ``dataset``) through ``cfg.tokenizer`` (or ``tokenizer``).
 
-    ``dataset`` items are ``(image (3, S, S) in [-1, 1], label)``, or raw latents of ``tokenizer``
-    when the dataset has ``yields_latents = True``; it should have ``num_classes`` or ``classes``
-    unless ``cfg.data.num_classes`` is set. The model config's ``in_channels``, ``input_size`` and
-    ``num_classes`` are set from the tokenizer and the data.
+    ``dataset`` items are ``(image (3, S, S) in [-1, 1], label)`` (or a ``BadImage`` record for an
+    unreadable file: skipped, logged and counted; more than ``data.max_bad_fraction`` of them stops the
+    run), raw latents of ``tokenizer`` when the dataset has ``yields_latents = True``, or posterior
+    moments when it has ``yields_moments = True`` (a latent cache, which must come from ``tokenizer``
+    at ``data.image_size``; its normalization stats are used). It should have ``num_classes`` or
+    ``classes`` unless ``cfg.data.num_classes`` is set. The model config's ``in_channels``,
+    ``input_size`` and ``num_classes`` are set from the tokenizer and the data.
 
     Raises ``ConfigError`` for invalid options (before any data or model work) and
     ``TrainingDiverged`` when training cannot go on; returns a ``TrainResult`` otherwise
@@ -398,6 +436,10 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
             raise ConfigError("the dataset does not say how many classes it has; set --data.num-classes")
         names = class_names(dataset, num_classes)
         yields_latents = getattr(dataset, "yields_latents", False)
+        yields_moments = getattr(dataset, "yields_moments", False)
+        source = "moments" if yields_moments else "latents" if yields_latents else "images"
+        if yields_moments:
+            dataset.check_run(tokenizer, cfg.tokenizer.path, cfg.data.image_size)  # same tokenizer and resolution
 
         # Tokenizer normalization: fitted once over many latents, then always read from checkpoints
         tokenizer.to(device).eval().requires_grad_(False)
@@ -407,6 +449,11 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
                                   f"{saved.path} was trained with ({saved.tokenizer['kind']}, "
                                   f"{saved.tokenizer['source']}); pass that tokenizer")
             tokenizer.set_normalization(saved.tokenizer["scale"], saved.tokenizer["bias"])
+        elif yields_moments:  # fitted when the cache was written, on samples or on the mode as this run trains
+            cached_stats = dataset.normalization(cfg.tokenizer.sample_posterior)
+            tokenizer.set_normalization(*cached_stats)
+            if is_main:
+                log.info("latent normalization from the cache: scale %.6g, bias %.6g", *cached_stats)
         elif cfg.tokenizer.norm_images > 0:
             stats = [None]
             if is_main:
@@ -433,6 +480,7 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
                                       betas=tuple(cfg.betas), eps=cfg.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
         step, losses, nonfinite_total, nonfinite_run, data_position = 0, [], 0, 0, 0
+        bad_total, drawn_total = 0, 0  # unreadable images and all images drawn, all processes
         if saved is not None:
             arch, other = architecture_changes(from_dict(ModelConfig, saved.config["train"]["model"]), model_cfg)
             if arch and not cfg.allow_arch_change:
@@ -457,6 +505,7 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
             scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
             nonfinite_total, nonfinite_run = saved.state["nonfinite_total"], saved.state["nonfinite_consecutive"]
             data_position = saved.state["data_position"]
+            bad_total, drawn_total = saved.state.get("bad_images", 0), saved.state.get("images_drawn", 0)
             if saved.state["global_micro_batch"] != micro_batch * world:
                 data_position = data_position * saved.state["global_micro_batch"] // (micro_batch * world)
                 log.warning("micro-batch size x processes changed (%d -> %d): the data order continues "
@@ -483,9 +532,11 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
             torch.manual_seed(cfg.seed * 1000 + rank + 1 + step)
         sampler = ShardedBatchSampler(len(dataset), micro_batch, rank, world, cfg.seed, start=data_position)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                            collate_fn=collate_skipping_bad,  # (inputs, labels, unreadable-image records)
                             pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
                             generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG untouched
         batches = iter(loader)
+        seen_bad: dict[str, BadImage] = {}  # unreadable files this process has logged (each once)
         grid_classes = sorted({round(i * (num_classes - 1) / max(1, cfg.sample_classes - 1))
                                for i in range(min(cfg.sample_classes, num_classes))})
         if is_main and cfg.tensorboard:
@@ -506,28 +557,44 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
             while step < end_step:
                 # Forward/backward over the micro-batches of one step; gradients sync on the last only
                 loss_sum = torch.zeros((), device=device)
+                used_micro, step_bad = 0, 0  # micro-batches with a readable image; unreadable images skipped
                 for micro in range(cfg.grad_accum_steps):
-                    images, labels = next(batches)
+                    inputs, labels, bad = next(batches)  # unreadable images are left out of inputs and labels
                     data_position += 1
-                    images = images.to(device, non_blocking=True)
-                    labels = labels.to(device, non_blocking=True)
-                    with torch.no_grad():
-                        if cfg.data.hflip:
-                            flip = torch.rand(images.shape[0], device=device) < 0.5  # (N,)
-                            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-                        latents = (tokenizer.normalize(images) if yields_latents
-                                   else tokenizer.encode(images, sample=cfg.tokenizer.sample_posterior))
+                    step_bad += len(bad)
+                    for record in bad:
+                        if record.path not in seen_bad:
+                            seen_bad[record.path] = record
+                            log.warning("skipped unreadable image %s: %s", record.path, record.reason)
+                    if labels is None:
+                        # No readable image in this micro-batch. The other processes wait for this one's gradients,
+                        # so it still runs forward/backward, on zeros with zero weight: the weights do not change.
+                        latents = torch.zeros((1, latent_c, latent_h, latent_h), device=device)
+                        labels = torch.zeros(1, dtype=torch.long, device=device)
+                    else:
+                        used_micro += 1
+                        labels = labels.to(device, non_blocking=True)
+                        latents = batch_latents(inputs, tokenizer, cfg.data.hflip, cfg.tokenizer.sample_posterior,
+                                                source, device)
                     sync = micro == cfg.grad_accum_steps - 1
                     with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
                         loss = model(latents, labels)  # scalar: the model owns its diffusion loss
+                        if inputs is None:
+                            loss = loss * 0.0
                         accelerator.backward(loss / cfg.grad_accum_steps)
                     loss_sum += loss.detach().float()
-                # One collective: mean loss over processes and whether any process got a stop signal
-                flags = torch.stack([loss_sum / cfg.grad_accum_steps,
-                                     torch.tensor(float(stop.received is not None), device=device)])
-                gathered = accelerator.gather(flags[None]) if world > 1 else flags[None]  # (world, 2)
+                # One collective: mean loss over processes, whether any process got a stop signal, unreadable images
+                flags = torch.stack([loss_sum / max(used_micro, 1),
+                                     torch.tensor(float(stop.received is not None), device=device),
+                                     torch.tensor(float(step_bad), device=device)])
+                gathered = accelerator.gather(flags[None]) if world > 1 else flags[None]  # (world, 3)
                 step_loss = gathered[:, 0].mean()
                 stop_requested = bool(gathered[:, 1].max() > 0)
+                bad_total += int(gathered[:, 2].sum().item())
+                drawn_total += cfg.batch_size
+                # Within the first epoch bad_total counts distinct files, so compare with the dataset size there
+                check_bad_fraction(bad_total, max(drawn_total, len(dataset)), cfg.data.max_bad_fraction,
+                                   list(seen_bad.values()), where=f"step {step + 1}: ")
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(),
                                                         cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                 finite = bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
@@ -604,7 +671,8 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
                 if step % cfg.checkpoint_every == 0 or step == end_step or interrupted:
                     state = {"step": step, "data_position": data_position, "global_micro_batch": micro_batch * world,
                              "dataset_size": len(dataset), "world_size": world, "losses": losses,
-                             "nonfinite_total": nonfinite_total, "nonfinite_consecutive": nonfinite_run}
+                             "nonfinite_total": nonfinite_total, "nonfinite_consecutive": nonfinite_run,
+                             "bad_images": bad_total, "images_drawn": drawn_total}
                     last_checkpoint = save_checkpoint(accelerator, cfg, step, raw_model, ema, optimizer, scheduler,
                                                       tokenizer_info, state, names)
                 window_overhead += time.perf_counter() - overhead_start
@@ -622,7 +690,8 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
         if step >= end_step and not interrupted and is_main:
             log.info("finished at step %d; checkpoint %s", step, last_checkpoint)
         return TrainResult(step=step, losses=losses, run_dir=run_dir, checkpoint=last_checkpoint,
-                           interrupted=interrupted, nonfinite_steps=nonfinite_total, model=raw_model, ema=ema)
+                           interrupted=interrupted, nonfinite_steps=nonfinite_total, bad_images=bad_total,
+                           model=raw_model, ema=ema)
     finally:
         if writer is not None:
             writer.close()

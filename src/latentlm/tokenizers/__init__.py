@@ -1,21 +1,104 @@
 """Tokenizers: images in [-1, 1] <-> normalized latents.
 
-``build_tokenizer(TokenizerConfig)`` makes the tokenizer a run asks for; ``tokenizer_record`` /
+``build_tokenizer(TokenizerConfig)`` makes the tokenizer a run asks for; ``load_tokenizer(path)``
+loads any tokenizer file by its content (KL-16 or σ-VAE); ``tokenizer_record`` /
 ``tokenizer_from_record`` are what a checkpoint stores about it (kind, constructor arguments,
 source file, weight fingerprint and the normalization stats) and how sampling rebuilds it.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from latentlm.config import ConfigError, TokenizerConfig
 from latentlm.tokenizers.base import Tokenizer
 from latentlm.tokenizers.identity import PatchTokenizer
-from latentlm.tokenizers.sigma_vae import SigmaVAE, load_sigma_vae
+from latentlm.tokenizers.kl16 import KL16, KL16Config, is_ldm_vae_state_dict, kl16_from_ldm_state_dict
+from latentlm.tokenizers.sigma_vae import CHECKPOINT_NAME, SigmaVAE, load_sigma_vae
 
-TOKENIZER_KINDS = ("identity", "sigma_vae")
+TOKENIZER_KINDS = ("identity", "sigma_vae", "kl16")
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")  # read with torch.load(weights_only=True)
+ACCEPTED_LAYOUTS = (
+    "a σ-VAE checkpoint (a .safetensors file with 'config' metadata, its directory, or a torch file "
+    "{'config': ..., 'model': state_dict}), or an LDM/MAR KL-VAE state dict (keys like "
+    "'encoder.down.0.block.0.conv1.weight', 'quant_conv.weight') in a .safetensors file or a torch file, "
+    "under 'model' (MAR's kl16.ckpt), 'state_dict' (LDM) or at the top level"
+)
+
+
+def _describe(blob: Any) -> str:
+    if isinstance(blob, dict):
+        keys = sorted(str(k) for k in blob)
+        return f"a dict with {len(keys)} keys {keys[:8]}" + (" ..." if len(keys) > 8 else "")
+    return f"a {type(blob).__name__}"
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a tokenizer file, telling the layout from its content, on CPU in eval mode with frozen weights.
+
+    * σ-VAE: a ``.safetensors`` file with ``config`` metadata (or a directory holding
+      ``tokenizer.safetensors``), or a torch file ``{"config": {...}, "model": state_dict}``;
+      its stored normalization comes with it.
+    * KL-16 (any LDM-layout KL-VAE, architecture read from the weights): an LDM state dict in a
+      ``.safetensors`` file, or in a torch file under ``"model"`` (MAR), ``"state_dict"`` (LDM) or at
+      the top level; identity normalization until fitted.
+
+    Torch files (``.pt``, ``.pth``, ``.ckpt``, ``.bin``) are read with ``torch.load(weights_only=True)``:
+    never an arbitrary unpickle. Raises ``FileNotFoundError`` for a missing path and ``ValueError``
+    saying what was found and which layouts are accepted otherwise.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / CHECKPOINT_NAME).is_file():
+            raise ValueError(f"{path} is a directory without {CHECKPOINT_NAME}; expected {ACCEPTED_LAYOUTS}")
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer file at {path}")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            has_config = "config" in (f.metadata() or {})
+        if has_config:
+            tokenizer: Tokenizer = load_sigma_vae(path)
+        else:
+            state = load_file(str(path))
+            if not is_ldm_vae_state_dict(state):
+                raise ValueError(f"{path}: unknown tokenizer layout: found {_describe(state)} and no 'config' "
+                                 f"metadata; expected {ACCEPTED_LAYOUTS}")
+            tokenizer = _kl16(state, path)
+    elif path.suffix in TORCH_SUFFIXES:
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"{path} holds Python objects other than tensors, which are not unpickled (that could run code). "
+                "If you trust the file, extract its state dict elsewhere, e.g. torch.save({'model': "
+                "torch.load(p, weights_only=False)['model']}, 'clean.ckpt')") from err
+        if isinstance(blob, dict) and "config" in blob and "model" in blob:
+            tokenizer = load_sigma_vae(path)
+        else:
+            state = next((blob[k] for k in ("model", "state_dict") if isinstance(blob, dict) and k in blob), blob)
+            if not is_ldm_vae_state_dict(state):
+                raise ValueError(f"{path}: unknown tokenizer layout: found {_describe(blob)}; "
+                                 f"expected {ACCEPTED_LAYOUTS}")
+            tokenizer = _kl16(state, path)
+    else:
+        raise ValueError(f"{path}: unknown tokenizer file type {path.suffix!r}; expected .safetensors (preferred) "
+                         f"or one of {', '.join(TORCH_SUFFIXES)}")
+    return tokenizer.eval().requires_grad_(False)
+
+
+def _kl16(state: dict[str, torch.Tensor], path: Path) -> KL16:
+    try:
+        return kl16_from_ldm_state_dict(state)
+    except ValueError as err:
+        raise ValueError(f"{path}: an LDM KL-VAE state dict that does not load: {err}") from err
 
 
 def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
@@ -34,6 +117,19 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
         if not Path(cfg.path).exists():
             raise ConfigError(f"tokenizer.path={cfg.path}: no such file or directory")
         tokenizer = load_sigma_vae(cfg.path)
+    elif cfg.kind == "kl16":
+        if not cfg.path:
+            raise ConfigError("tokenizer.kind=kl16 needs --tokenizer.path (MAR's kl16.ckpt, or its weights as "
+                              ".safetensors)")
+        if not Path(cfg.path).exists():
+            raise ConfigError(f"tokenizer.path={cfg.path}: no such file")
+        try:
+            tokenizer = load_tokenizer(cfg.path)
+        except ValueError as err:
+            raise ConfigError(f"tokenizer.path: {err}") from err
+        if tokenizer.kind != "kl16":
+            raise ConfigError(f"tokenizer.path={cfg.path} is a {tokenizer.kind} checkpoint, not KL-16; pass "
+                              f"--tokenizer.kind {tokenizer.kind}")
     else:
         raise ConfigError(f"tokenizer.kind={cfg.kind!r}: choose one of {', '.join(TOKENIZER_KINDS)}")
     return tokenizer.eval().requires_grad_(False)
@@ -74,11 +170,14 @@ def tokenizer_from_record(record: dict[str, Any], path: str | None = None) -> To
 
 
 __all__ = [
+    "KL16",
+    "KL16Config",
     "PatchTokenizer",
     "SigmaVAE",
     "Tokenizer",
     "build_tokenizer",
     "load_sigma_vae",
+    "load_tokenizer",
     "tokenizer_from_record",
     "tokenizer_record",
 ]
