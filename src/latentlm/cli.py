@@ -30,7 +30,18 @@ from typing import Annotated, Any, Union
 import tyro
 import yaml
 
-from latentlm.config import ConfigError, ModelConfig, SampleCommandConfig, TrainConfig
+from latentlm.config import (
+    CacheLatentsConfig,
+    ConfigError,
+    EvaluateConfig,
+    ModelConfig,
+    ReferenceStatsConfig,
+    RoundtripConfig,
+    SampleCommandConfig,
+    SampleManyConfig,
+    ScanImagesConfig,
+    TrainConfig,
+)
 from latentlm.demo import DemoConfig
 from latentlm.train_tokenizer import TokenizerTrainConfig
 
@@ -75,12 +86,69 @@ def run_demo(cfg: DemoConfig) -> int:
     return 0
 
 
+def run_sample_many(cfg: SampleManyConfig) -> int:
+    from latentlm.generate_many import generate_many
+
+    generate_many(cfg)
+    return 0
+
+
+def run_evaluate(cfg: EvaluateConfig) -> int:
+    from latentlm.metrics import evaluate
+
+    evaluate(cfg)
+    return 0
+
+
+def run_reference_stats(cfg: ReferenceStatsConfig) -> int:
+    from latentlm.metrics import reference_stats
+
+    reference_stats(cfg)
+    return 0
+
+
+def run_scan_images(cfg: ScanImagesConfig) -> int:
+    from latentlm.data.images import scan_folder
+
+    bad = scan_folder(cfg)
+    for record in bad:
+        print(f"{record.path}\t{record.reason}")
+    return 1 if bad else 0
+
+
+def run_cache_latents(cfg: CacheLatentsConfig) -> int:
+    from latentlm.data.cache import cache_latents
+
+    cache_latents(cfg)
+    return 0
+
+
+def run_vae_roundtrip(cfg: RoundtripConfig) -> int:
+    from latentlm.roundtrip import roundtrip
+
+    roundtrip(cfg)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(TrainConfig, run_train, "train a LatentLM or DiT model (Accelerate; resumable)"),
     "sample": Command(SampleCommandConfig, run_sample, "write a labelled sample grid PNG from a checkpoint"),
     "train-tokenizer": Command(TokenizerTrainConfig, run_train_tokenizer,
                                "train a σ-VAE tokenizer (reconstruction + prior on μ; resumable)"),
     "demo": Command(DemoConfig, run_demo, "σ-VAE, LatentLM and DiT on the bundled digits, scored (no downloads)"),
+    "sample-many": Command(SampleManyConfig, run_sample_many,
+                           "N images per class as an ADM .npz (FID-50K): multi-process, resumable, exact"),
+    "evaluate": Command(EvaluateConfig, run_evaluate,
+                        "FID / IS / sFID / precision-recall (+ digit metrics), generating the samples if needed"),
+    "reference-stats": Command(ReferenceStatsConfig, run_reference_stats,
+                               "Inception statistics of an ImageFolder as a reference .npz for evaluate"),
+    "scan-images": Command(ScanImagesConfig, run_scan_images,
+                           "list the images of an ImageFolder that training cannot read (exit 1 if any)"),
+    "cache-latents": Command(CacheLatentsConfig, run_cache_latents,
+                             "encode a dataset once into latent shards (image + flip moments): multi-process, "
+                             "resumable"),
+    "vae-roundtrip": Command(RoundtripConfig, run_vae_roundtrip,
+                             "encode + decode images with a tokenizer file: side-by-side PNG, PSNR and SSIM"),
 }
 
 
@@ -209,7 +277,7 @@ def parse(argv: Sequence[str]) -> tuple[str, Any]:
                   else tyro.conf.subcommand(name, description=command.help))
         variants.append(Annotated[command.config, marker])
     cfg = tyro.cli(Union[tuple(variants)], args=argv, prog="latentlm")  # noqa: UP007 (runtime-built union)
-    name = next(n for n, c in COMMANDS.items() if isinstance(cfg, c.config))
+    name = next(n for n, c in COMMANDS.items() if type(cfg) is c.config)  # exact: EvaluateConfig is a SampleManyConfig
     return name, cfg
 
 

@@ -169,8 +169,8 @@ class ConfigError(ValueError):
     """An invalid option, found before any data or model work; the CLI prints it and exits with code 2."""
 
 
-DataKind = Literal["folder", "digits"]
-TokenizerKind = Literal["identity", "sigma_vae"]
+DataKind = Literal["folder", "digits", "cached"]
+TokenizerKind = Literal["identity", "sigma_vae", "kl16"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LRSchedule = Literal["cosine", "constant"]
 
@@ -179,19 +179,25 @@ LRSchedule = Literal["cosine", "constant"]
 class DataConfig:
     """Where training images come from. Every source yields (image (3, S, S) in [-1, 1], label)."""
 
-    kind: DataKind = "folder"  # "folder": ImageFolder at `path` (one sub-folder per class); "digits": bundled
-    path: str | None = None  # ImageFolder root (kind "folder"); never downloaded
+    # "folder": ImageFolder at `path` (one sub-folder per class); "digits": bundled; "cached": a
+    # `latentlm cache-latents` directory at `path` (the run's tokenizer and image_size must match it)
+    kind: DataKind = "folder"
+    path: str | None = None  # ImageFolder root (kind "folder") or latent cache (kind "cached"); never downloaded
     image_size: int = 256  # S: ADM centre crop to S x S; must be divisible by the tokenizer's factor
     hflip: bool = True  # random horizontal flip, drawn from the (checkpointed) torch RNG in the trainer
     num_workers: int = 4  # DataLoader worker processes per training process (0: load in the main process)
     num_classes: int | None = None  # None: the number of classes the data has
+    # Unreadable images are skipped, logged and counted; more than this fraction of them stops the run.
+    max_bad_fraction: float = 0.01
+    max_image_pixels: int = 89_478_485  # larger images are refused unread (decompression bombs); Pillow's default
 
 
 @dataclass
 class TokenizerConfig:
     """Which tokenizer turns images into latents, and how its normalization is fitted."""
 
-    kind: TokenizerKind = "identity"  # "identity": pixels (f x f patches) as latents; "sigma_vae": a σ-VAE file
+    # "identity": pixels (f x f patches) as latents; "sigma_vae": a σ-VAE file; "kl16": MAR's KL-16 VAE file
+    kind: TokenizerKind = "identity"
     path: str | None = None  # tokenizer checkpoint (σ-VAE: .safetensors file or its directory)
     patch: int = 1  # identity only: f, so a latent has 3 f^2 channels and side S / f
     sample_posterior: bool = True  # train on posterior samples (False: the posterior mode)
@@ -279,7 +285,7 @@ class SampleManyConfig:
     """
 
     checkpoint: str | None = None  # checkpoint or run directory (its newest complete checkpoint); required
-    out: str = "samples/samples.npz"  # arr_0: uint8 (N, S, S, 3); arr_1: int64 labels (N,); settings in <out>.json
+    out: str = "samples/samples.npz"  # output .npz: arr_0 uint8 (N, S, S, 3), arr_1 labels; settings: <stem>.json
     per_class: int = 50  # images per class; image k has class k mod num_classes (50 x 1000 = FID-50K)
     num_images: int | None = None  # instead: N images with classes drawn uniformly from (seed, k)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # solver, steps, CFG scale/schedule, temperature
@@ -290,7 +296,7 @@ class SampleManyConfig:
     batch_size: int = 125  # images per model.generate call (doubled inside under CFG); fixed per shard
     weights_dtype: WeightsDtype = "float32"  # "bfloat16": bf16 weights, solver state fp32 (GPU throughput)
     png_dir: str | None = None  # also write <png_dir>/<k, 6 digits>.png for every image
-    keep_shards: bool = False  # keep <out stem>.shards/ once the .npz is assembled (default: delete them)
+    keep_shards: bool = False  # keep <out stem>.shards/ once the .npz is assembled (else they are deleted)
     device: str = "auto"  # "auto": cuda:<LOCAL_RANK> when available, else CPU; or any torch device string
     progress: bool = True  # tqdm bar (first process) with images/s and ETA
 
@@ -333,3 +339,60 @@ class ReferenceStatsConfig:
     num_workers: int = 4  # DataLoader processes decoding and cropping images
     device: str = "auto"  # "auto": CUDA when available, else CPU
     progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# The ImageNet path: scan-images, cache-latents, vae-roundtrip
+# ---------------------------------------------------------------------------------------------
+
+CacheDtype = Literal["float32", "float16"]
+
+
+@dataclass
+class ScanImagesConfig:
+    """`latentlm scan-images`: decode every image of an ImageFolder exactly as training does and list the
+    unreadable ones (``path<TAB>reason`` on stdout). Exit code 0 when all are readable, 1 otherwise."""
+
+    data: DataConfig = field(default_factory=DataConfig)  # path, image_size, num_workers, max_image_pixels
+    out: str | None = None  # also write the list to this file (empty when all are readable)
+    batch_size: int = 64  # images per DataLoader batch
+    progress: bool = True
+
+
+@dataclass
+class CacheLatentsConfig:
+    """`latentlm cache-latents`: encode a dataset once into shards of posterior moments (image and flip).
+
+    Any number of processes (``torchrun`` / ``accelerate launch``) share the shards without collisions;
+    a killed run rerun with the same options finishes the missing shards and ends with the same files.
+    Train from it with ``latentlm train --data.kind cached --data.path OUT`` and the same tokenizer.
+    """
+
+    out: str  # cache directory: plan.json, shards/, manifest.json (written last)
+    data: DataConfig = field(default_factory=DataConfig)  # images (kind folder or digits); hflip is ignored
+    # The encoder. norm_images: images (seeded random subset) for the normalization stats; sample_posterior is
+    # ignored: stats of posterior samples and of the mode are both stored, the training run picks its own.
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    images_per_shard: int = 1000  # unit of work, of atomic writes and of resume; fixes the shard boundaries
+    batch_size: int = 64  # images per encoder call (each encoded twice: as is and flipped)
+    dtype: CacheDtype = "float32"  # moments on disk; float32 trains exactly like encoding on the fly
+    seed: int = 0  # which images feed the normalization stats, and their posterior noise
+    device: str = "auto"  # "auto": cuda:<LOCAL_RANK> when available, else CPU; or any torch device string
+    progress: bool = True
+
+
+@dataclass
+class RoundtripConfig:
+    """`latentlm vae-roundtrip`: encode and decode images, write original | reconstruction side by side as
+    a PNG (one row per image), print PSNR and SSIM of each and their mean."""
+
+    tokenizer: str  # tokenizer file: KL-16 (.ckpt/.pt/.safetensors) or σ-VAE (.safetensors file, its directory, .pt)
+    images: tuple[str, ...] = ()  # image files; empty: num_images random files from `folder`
+    folder: str | None = None  # a folder searched recursively for images (e.g. an ImageFolder root)
+    num_images: int = 8  # random images taken from `folder` (seeded)
+    image_size: int = 256  # ADM centre crop, as in training
+    out: str = "roundtrip.png"  # PNG path; missing folders are created
+    sample_posterior: bool = False  # decode a posterior sample instead of the posterior mean
+    seed: int = 0  # choice of images, and the posterior noise
+    max_image_pixels: int = 89_478_485  # larger images are refused unread (decompression bombs)
+    device: str = "auto"  # "auto": CUDA when available, else CPU

@@ -1,0 +1,39 @@
+"""`latentlm demo`, CI-sized: every phase runs and writes its files; the metrics file is complete."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from PIL import Image
+
+from latentlm.config import SamplerConfig
+from latentlm.demo import DemoConfig, demo
+from latentlm.tokenizers.sigma_vae import SigmaVAEConfig
+
+
+def test_short_demo_writes_metrics_and_pictures(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    cfg = DemoConfig(output_dir=str(tmp_path / "demo"), vae=SigmaVAEConfig(base_channels=8, latent_channels=4),
+                     vae_steps=8, steps=4, batch_size=16, classifier_epochs=1, eval_per_class=10,
+                     sampler=SamplerConfig(num_steps=2, cfg_scale=2.0), progress=False)
+    result = demo(cfg)
+    assert torch.get_num_threads() == threads  # the demo's one thread is not left behind
+    run = tmp_path / "demo"
+    assert result.run_dir == run
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"latentlm (Transformer-Tiny)", "dit (DiT-Tiny)"}
+    for row in metrics["models"].values():
+        assert 0 <= row["accuracy"] <= 1 and row["num_images"] == 100
+        assert math.isfinite(row["frechet"]) and row["frechet_floor"] > 0
+        assert row["frechet_ratio"] == row["frechet"] / row["frechet_floor"]
+    assert set(metrics["timings_seconds"]) == {"sigma_vae", "classifier", "latentlm", "dit", "total"}
+    assert metrics["config"]["steps"] == 4 and metrics["sigma_vae"]["scale"] > 0
+    assert metrics["classifier"]["num_test"] == 359 and metrics["classifier"]["frechet_train_vs_test"] > 0
+    for png in ("latentlm_grid.png", "dit_grid.png", "sigma_vae/recon.png", "sigma_vae/loss.png",
+                "latentlm/loss.png", "dit/loss.png"):
+        assert Image.open(run / png).size[0] > 0, png
+    assert Image.open(run / "latentlm_grid.png").size[1] >= 10 * 16  # 10 rows
+    out = capsys.readouterr().out
+    assert f"run directory {run}" in out and "class acc" in out and str(run / "metrics.json") in out
