@@ -17,14 +17,6 @@ from latentlm.train import train
 from train_helpers import make_image_folder, subprocess_env, tiny_config, wait_for
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fake_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
     """A checkpoint directory with small but real files (world size 1)."""
     path = ckpt_io.checkpoint_dir(output_dir, step)

@@ -51,14 +51,6 @@ THIS = str(Path(__file__).resolve())
 SRC_DIR = Path(latentlm.__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_checkpoint(root: Path, preset: str = "Transformer-Tiny", num_classes: int = 3, image_size: int = 8,
                     patch: int = 4, seed: int = 0) -> Path:
     """A complete checkpoint of an untrained tiny model (weights perturbed so outputs depend on them).

@@ -50,14 +50,6 @@ class ToyGaussian(Tokenizer):
         return F.pixel_shuffle((z - 0.1) / 0.5, 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses run with one thread too: same encoder numerics
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data"))  # 21 images of 8x8, 3 classes

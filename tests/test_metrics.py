@@ -10,14 +10,6 @@ from latentlm.data.digits import DigitsDataset
 from latentlm.evaluate import DigitsEvaluator, feature_statistics, frechet_distance
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_frechet_distance_closed_forms():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(5, 5))

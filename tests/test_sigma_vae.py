@@ -21,15 +21,6 @@ TINY_CONV = dict(latent_channels=4, base_channels=8, channel_mult=(1, 2))  # 16x
 TINY_VIT = dict(variant="vit", latent_channels=4, patch_size=4, hidden_size=32, depth=1, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one thread is faster and immune to oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def images(n: int = 6, side: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 

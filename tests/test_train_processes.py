@@ -24,14 +24,6 @@ from train_helpers import (
 HELPER = str(Path(__file__).with_name("train_helpers.py"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sigterm_checkpoints_at_step_boundary_and_resume_is_exact(tmp_path):
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "out"
