@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from latentlm.config import ModelConfig, SamplerConfig
-from latentlm.diffusion import SampleNoise, build_process, cfg_combine, check_sampler, sample
+from latentlm.diffusion import build_process, cfg_combine, check_sampler, sample
 from latentlm.models.layers import (
     Attention,
     FinalLayer,
@@ -22,6 +22,7 @@ from latentlm.models.layers import (
     check_labels,
     check_latents,
     patchify,
+    sample_noise_for,
     sincos_2d,
     unpatchify,
 )
@@ -129,11 +130,9 @@ class DiT(nn.Module):
         if sampler.cfg_schedule != "constant":
             raise ValueError(f"cfg_schedule={sampler.cfg_schedule!r} follows LatentLM's token order; "
                              "DiT allows only 'constant'")
-        N, device = labels.shape[0], labels.device
+        device = labels.device
         work = torch.promote_types(next(self.parameters()).dtype, torch.float32)  # solver state >= fp32
-        noise = SampleNoise(seed, range(N) if sample_indices is None else sample_indices)
-        if len(noise) != N:
-            raise ValueError(f"sample_indices has {len(noise)} entries for {N} labels")
+        noise = sample_noise_for(labels, seed, sample_indices)
         guided = sampler.cfg_scale != 1.0
         both = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])  # [labels; null labels]
 

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latentlm.config import ModelConfig, SamplerConfig
-from latentlm.diffusion import SampleNoise, build_process, cfg_combine, cfg_scale_at, check_sampler, sample
+from latentlm.diffusion import build_process, cfg_combine, cfg_scale_at, check_sampler, sample
 from latentlm.models.head import DiffusionHead
 from latentlm.models.layers import (
     Attention,
@@ -27,6 +27,7 @@ from latentlm.models.layers import (
     check_latents,
     patchify,
     rope_tables,
+    sample_noise_for,
     unpatchify,
 )
 
@@ -192,9 +193,7 @@ class LatentLM(nn.Module):
         N, L, device = labels.shape[0], cfg.seq_len, labels.device
         dtype = next(self.parameters()).dtype
         work = torch.promote_types(dtype, torch.float32)  # solver state stays >= fp32 under bf16 weights
-        noise = SampleNoise(seed, range(N) if sample_indices is None else sample_indices)
-        if len(noise) != N:
-            raise ValueError(f"sample_indices has {len(noise)} entries for {N} labels")
+        noise = sample_noise_for(labels, seed, sample_indices)
         if static is None:
             static = device.type == "cuda" and use_cache and sampler.sampler != "ddpm"
         if static and (not use_cache or sampler.sampler == "ddpm"):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentlm.diffusion import SampleNoise
+
 # ---------------------------------------------------------------------------------------------
 # Norms and MLPs
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +115,16 @@ def check_labels(labels: torch.Tensor, num_classes: int, allow_null: bool = True
     if lo < 0 or hi > high:
         raise ValueError(f"label {lo if lo < 0 else hi} out of range: allowed 0..{num_classes - 1}"
                          + (f" (and {num_classes} = null class)" if allow_null else ""))
+
+
+def sample_noise_for(labels: torch.Tensor, seed: int, sample_indices) -> SampleNoise:
+    """Per-sample noise streams for ``generate``: sample k is seeded by (seed, sample_indices[k]),
+    default indices 0..N-1, so a sample never depends on the batch it is generated in."""
+    N = labels.shape[0]
+    noise = SampleNoise(seed, range(N) if sample_indices is None else sample_indices)
+    if len(noise) != N:
+        raise ValueError(f"sample_indices has {len(noise)} entries for {N} labels")
+    return noise
 
 
 def check_latents(latents: torch.Tensor, cfg) -> None:
