@@ -131,12 +131,17 @@ def check_train_config(cfg: TrainConfig) -> None:
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """LR of optimizer step ``step`` (0-based) as a fraction of ``cfg.lr``: linear warm-up over
     ``warmup_steps`` (from 1/warmup_steps to 1), then cosine to ``min_lr`` at ``max_steps`` (or constant)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
+    if cfg.lr_schedule == "constant" and step >= cfg.warmup_steps:
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    floor = cfg.min_lr / cfg.lr
+    return warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr / cfg.lr)
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, floor: float) -> float:
+    """Linear warm-up over ``warmup_steps`` (1/warmup_steps .. 1), then cosine from 1 to ``floor`` at
+    ``max_steps``; shared by the model and tokenizer trainers."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

@@ -46,6 +46,7 @@ from latentlm.train import (
     fit_normalization,
     make_accelerator,
     save_loss_curve,
+    warmup_cosine,
 )
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,7 @@ def check_tokenizer_train_config(cfg: TokenizerTrainConfig) -> None:
 
 def _lr_multiplier(step: int, cfg: TokenizerTrainConfig) -> float:
     """Linear warm-up over ``warmup_steps``, then cosine from 1 to ``min_lr / lr`` at ``max_steps``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    floor = cfg.min_lr / cfg.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr / cfg.lr)
 
 
 @torch.no_grad()

@@ -135,6 +135,7 @@ class DDPMProcess:
         else:
             self.timestep_probs = torch.full((self.num_train_timesteps,), 1 / self.num_train_timesteps,
                                              dtype=torch.float64)
+        self._tables: dict[torch.device, Tensor] = {}  # alphas_cumprod per device, see _table_on
         self._abar = self.alphas_cumprod.tolist()  # python floats for the samplers' scalar math
 
     # -- schedule lookups ---------------------------------------------------------------------
@@ -142,14 +143,20 @@ class DDPMProcess:
         """ᾱ_t as a float64 Python number; t = -1 means clean data (ᾱ = 1)."""
         return 1.0 if t < 0 else self._abar[t]
 
+    def _table_on(self, device: torch.device) -> Tensor:
+        """ᾱ table on ``device``, copied once per device (not on every training step)."""
+        if device not in self._tables:
+            table = self.alphas_cumprod if device.type != "mps" else self.alphas_cumprod.float()
+            self._tables[device] = table.to(device)
+        return self._tables[device]
+
     def _coefficients(self, t: Tensor | int, x: Tensor) -> tuple[Tensor | float, Tensor | float]:
         """(√ᾱ_t, √(1-ᾱ_t)) for one step t (Python floats) or per sample for t (N,) int64, shaped
         (N, 1, ..., 1) in x's dtype. Computed in float64 first (float32 on MPS, which lacks float64)."""
         if not isinstance(t, Tensor) or t.dim() == 0:
             abar = self.alpha_bar(int(t))
             return math.sqrt(abar), math.sqrt(1 - abar)
-        table = self.alphas_cumprod if t.device.type != "mps" else self.alphas_cumprod.float()
-        abar = table.to(t.device)[t]  # (N,)
+        abar = self._table_on(t.device)[t]  # (N,)
         alpha = per_sample(abar.sqrt(), x).to(x.dtype)
         sigma = per_sample((1 - abar).sqrt(), x).to(x.dtype)
         return alpha, sigma
