@@ -1,7 +1,7 @@
 """Training throughput from a latent cache vs encoding images on the fly.
 
 Both runs do what ``latentlm train`` does per step: draw a micro-batch (``ShardedBatchSampler``, a
-DataLoader with worker processes), turn it into normalized latents (``batch_latents``: random flip,
+DataLoader with worker processes), turn it into normalized latents (``latentlm.data.latent_source``: random flip,
 posterior sample), then forward, backward and AdamW on the model. From images the batch is
 decoded from JPEG, ADM-cropped and encoded by a KL-16-layout VAE (random weights; only the cost
 matters); from the cache its float32 posterior moments are read from the shards. Also timed: building
@@ -28,10 +28,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from latentlm.config import CacheLatentsConfig, DataConfig, TokenizerConfig
-from latentlm.data import CachedLatents, ImageFolder, cache_latents, collate_skipping_bad
+from latentlm.data import CachedLatents, ImageFolder, collate_skipping_bad, latent_source, write_cache
 from latentlm.models import build_model
 from latentlm.tokenizers import KL16, KL16Config
-from latentlm.train import ShardedBatchSampler, batch_latents, param_groups
+from latentlm.training.loop import ShardedBatchSampler
+from latentlm.training.model import param_groups
 
 
 def make_folder(root: Path, count: int, image_size: int, classes: int = 4) -> None:
@@ -45,7 +46,7 @@ def make_folder(root: Path, count: int, image_size: int, classes: int = 4) -> No
         Image.fromarray(small).resize(size, Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def time_training(dataset, tokenizer: KL16, source: str, image_size: int, batch: int, steps: int, workers: int,
+def time_training(dataset, tokenizer: KL16, image_size: int, batch: int, steps: int, workers: int,
                   device: torch.device) -> list[float]:
     """Seconds per training step (``steps`` steps after two warm-up steps)."""
     c, h, _ = tokenizer.latent_shape(image_size)
@@ -55,13 +56,14 @@ def time_training(dataset, tokenizer: KL16, source: str, image_size: int, batch:
     loader = DataLoader(dataset, batch_sampler=ShardedBatchSampler(len(dataset), batch, 0, 1, seed=0),
                         num_workers=workers, collate_fn=collate_skipping_bad, persistent_workers=workers > 0)
     batches = iter(loader)
+    source = latent_source(dataset, tokenizer, hflip=True, sample_posterior=True)
     times = []
     for step in range(steps + 2):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         inputs, labels, _ = next(batches)
-        latents = batch_latents(inputs, tokenizer, hflip=True, sample_posterior=True, source=source, device=device)
+        latents = source.latents(inputs, device)
         loss = model(latents, labels.to(device))
         loss.backward()
         optimizer.step()
@@ -99,16 +101,16 @@ def main() -> None:
                                  tokenizer=TokenizerConfig(norm_images=args.images), batch_size=args.batch,
                                  images_per_shard=args.batch * 4, device=args.device, progress=False)
         t0 = time.perf_counter()
-        cache_latents(cfg, tokenizer=tokenizer)
+        write_cache(cfg, tokenizer=tokenizer)
         build = time.perf_counter() - t0
         cache_bytes = sum(p.stat().st_size for p in (cache / "shards").iterdir())
         cached = CachedLatents(cache)
         tokenizer.set_normalization(*cached.normalization(sample_posterior=True))
         folder = ImageFolder(root, args.image_size)
         results = {}
-        for name, dataset, source in (("images: JPEG decode + ADM crop + KL-16 encode", folder, "images"),
-                                      ("latent cache (float32 moments)", cached, "moments")):
-            results[name] = statistics.median(time_training(dataset, tokenizer, source, args.image_size, args.batch,
+        for name, dataset in (("images: JPEG decode + ADM crop + KL-16 encode", folder),
+                              ("latent cache (float32 moments)", cached)):
+            results[name] = statistics.median(time_training(dataset, tokenizer, args.image_size, args.batch,
                                                             args.steps, args.workers, device))
 
     threads = torch.get_num_threads()

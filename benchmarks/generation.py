@@ -22,7 +22,8 @@ import time
 import torch
 
 from latentlm import SamplerConfig, build_model
-from latentlm.diffusion import SampleNoise, cfg_combine, sample
+from latentlm.diffusion import guidance_combine, sample
+from latentlm.models.generation import SampleNoise
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,7 +56,7 @@ def naive_token_time(model, labels, sampler: SamplerConfig, position: int) -> fl
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             out = model.head(torch.cat([x_t, x_t]), torch.cat([t, t]), cond)
-            return cfg_combine(*out.chunk(2), sampler.cfg_scale)
+            return guidance_combine(*out.chunk(2), sampler.cfg_scale)
 
         sample(model.process, denoise, noise.randn((cfg.token_dim,), device=device, dtype=dtype), sampler)
 

@@ -1,7 +1,7 @@
 """Peak resident memory of ``sample-many`` does not grow with the number of images N.
 
 Writes a tiny untrained checkpoint (identity tokenizer on 128x128 images, f = 16, so latents
-(768, 8, 8) and 64 tokens), then runs ``generate_many`` once per N, each in a fresh process, and
+(768, 8, 8) and 64 tokens), then runs ``sample_many`` once per N, each in a fresh process, and
 prints N, the process's peak RSS (``ru_maxrss`` from ``wait4``), seconds, and the size of the uint8
 output. If generation kept every image in memory, the N = 2000 run would need at least the
 output's size more (2000 x 128 x 128 x 3 bytes = 98 MB; 393 MB as float32) than the N = 200 run.
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from latentlm.checkpoint import begin_checkpoint, checkpoint_dir, mark_complete, write_main_files, write_rng
+from latentlm.commands.sample_many import sample_many
 from latentlm.config import DataConfig, SampleManyConfig, SamplerConfig, TokenizerConfig, TrainConfig, to_dict
-from latentlm.generate_many import generate_many
 from latentlm.models import build_model
-from latentlm.tokenizers import PatchTokenizer, tokenizer_record
+from latentlm.tokenizers import IdentityTokenizer, tokenizer_record
 
 IMAGE_SIZE, PATCH, NUM_CLASSES = 128, 16, 10
 
@@ -37,7 +37,7 @@ def write_checkpoint(root: Path, preset: str) -> Path:
     torch.manual_seed(0)
     model = build_model(preset, depth=1, hidden_size=64, num_heads=2, in_channels=3 * PATCH * PATCH,
                         input_size=IMAGE_SIZE // PATCH, num_classes=NUM_CLASSES)
-    tokenizer = PatchTokenizer(PATCH)
+    tokenizer = IdentityTokenizer(PATCH)
     train_cfg = TrainConfig(output_dir=str(root), model=model.config, data=DataConfig(image_size=IMAGE_SIZE),
                             tokenizer=TokenizerConfig(kind="identity", patch=PATCH))
     path = checkpoint_dir(root, 0)
@@ -52,7 +52,7 @@ def write_checkpoint(root: Path, preset: str) -> Path:
 
 def child(checkpoint: str, out: str, count: int, images_per_shard: int) -> None:
     """Run in a fresh process: generate ``count`` random-class images."""
-    generate_many(SampleManyConfig(checkpoint=checkpoint, out=out, num_images=count,
+    sample_many(SampleManyConfig(checkpoint=checkpoint, out=out, num_images=count,
                                    images_per_shard=images_per_shard, batch_size=50,
                                    sampler=SamplerConfig(num_steps=4, cfg_scale=2.0), device="cpu", progress=False))
 

@@ -1,9 +1,12 @@
 """Training-step throughput: images/s and achieved FLOP rate, beside this machine's fp32 matmul rate.
 
-A step is what ``latentlm.train`` does per optimizer update: forward (the model's own loss, with
+A step is what ``latentlm train`` does per optimizer update: forward (the model's own loss, with
 ``batch_mul`` head copies for LatentLM), backward, gradient clipping, AdamW, EMA update. FLOPs are
-counted once with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention, forward and
-backward); the optimizer and elementwise work are not counted but are timed.
+``latentlm.flops.training_flops`` (matmuls and attention, forward and backward; the rate columns use
+it), printed beside ``torch.utils.flop_counter.FlopCounterMode``'s count of one step: the two agree
+where torch counts attention (CUDA SDPA); on CPU, and with the flash-attn package, torch counts no
+attention, so its number is the analytic matmul part. The optimizer and elementwise work are not
+counted but are timed. On a known GPU, MFU is the achieved rate over its dense BF16 peak.
 
     .venv/bin/python benchmarks/training.py                 # tiny and Base Transformer, fp32, CPU
     .venv/bin/python benchmarks/training.py --models DiT-Base --batch 8 --device cuda --dtype bf16
@@ -24,8 +27,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from latentlm.models import build_model
-from latentlm.train import param_groups
+from latentlm.flops import mfu, training_breakdown
+from latentlm.models import get_config, model_from_config
+from latentlm.training.model import param_groups
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -51,7 +55,8 @@ def bench_model(name: str, batch: int, steps: int, device: torch.device, dtype: 
                 latent_size: int) -> dict[str, float]:
     """Median time of ``steps`` training steps (after one warm-up step) of preset ``name``."""
     torch.manual_seed(0)
-    model = build_model(name, in_channels=channels, input_size=latent_size, num_classes=1000).to(device).train()
+    cfg = get_config(name, in_channels=channels, input_size=latent_size, num_classes=1000)
+    model = model_from_config(cfg).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1, decay_all=False), lr=1e-4, betas=(0.9, 0.98))
     latents = torch.randn(batch, channels, latent_size, latent_size, device=device)
@@ -70,7 +75,7 @@ def bench_model(name: str, batch: int, steps: int, device: torch.device, dtype: 
 
     with FlopCounterMode(display=False) as counter:
         step()  # also the warm-up step
-    flops = counter.get_total_flops()
+    analytic = training_breakdown(cfg, batch)
     times = []
     for _ in range(steps):
         _sync(device)
@@ -80,7 +85,9 @@ def bench_model(name: str, batch: int, steps: int, device: torch.device, dtype: 
         times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)  # the median resists other processes' bursts on a shared machine
     return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "step_s": seconds,
-            "images_per_s": batch / seconds, "gflop_per_step": flops / 1e9, "gflops": flops / seconds / 1e9}
+            "images_per_s": batch / seconds, "gflop_per_step": analytic.total / 1e9,
+            "attention_gflop": analytic.attention / 1e9, "counter_gflop": counter.get_total_flops() / 1e9,
+            "gflops": analytic.total / seconds / 1e9}
 
 
 def main() -> None:
@@ -106,11 +113,16 @@ def main() -> None:
     print(f"device {device} ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {args.dtype}")
     print(f"matmul 2048^3 {args.dtype}: {peak / 1e9:.1f} GFLOP/s\n")
-    print("| model | params | batch | step (s) | images/s | GFLOP/step | achieved GFLOP/s | % of matmul rate |")
-    print("|---|---|---|---|---|---|---|---|")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print("| model | params | batch | step (s) | images/s | GFLOP/step (of it attention) | FlopCounterMode GFLOP "
+          "| achieved GFLOP/s | % of matmul rate | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, batch, r in zip(args.models, batches, results, strict=True):
+        utilization = mfu(r["gflop_per_step"] * 1e9, r["step_s"], card)
+        mfu_text = "n/a" if utilization is None else f"{100 * utilization:.1f}%"
         print(f"| {name} | {r['params_m']:.1f}M | {batch} | {r['step_s']:.3f} | {r['images_per_s']:.2f} | "
-              f"{r['gflop_per_step']:.1f} | {r['gflops']:.1f} | {100 * r['gflops'] * 1e9 / peak:.0f}% |")
+              f"{r['gflop_per_step']:.1f} ({r['attention_gflop']:.1f}) | {r['counter_gflop']:.1f} | "
+              f"{r['gflops']:.1f} | {100 * r['gflops'] * 1e9 / peak:.0f}% | {mfu_text} |")
 
 
 if __name__ == "__main__":

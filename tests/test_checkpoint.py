@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from latentlm import checkpoint as ckpt_io
-from latentlm.train import train
+from latentlm.io import atomic_write, write_json
+from latentlm.training.model import train
 from train_helpers import make_image_folder, subprocess_env, tiny_config, wait_for
 
 
@@ -32,14 +33,14 @@ def fake_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
 
 def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
     target = tmp_path / "state.json"
-    ckpt_io.write_json(target, {"v": 1})
+    write_json(target, {"v": 1})
 
     def broken(tmp: Path) -> None:
         tmp.write_text('{"v": 2, "trunc')
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        ckpt_io.atomic_write(target, broken)
+        atomic_write(target, broken)
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary left behind
 
@@ -100,8 +101,8 @@ def test_load_checkpoint_round_trip(tmp_path):
     path = fake_checkpoint(tmp_path, 7)
     loaded = ckpt_io.load_checkpoint(path)
     assert loaded.step == 7 and torch.equal(loaded.model["w"], torch.full((2, 3), 7.0))
-    assert torch.equal(ckpt_io.load_rng(path, 0)["cpu"], ckpt_io.rng_state()["cpu"])
-    assert ckpt_io.load_rng(path, 1) is None
+    assert torch.equal(loaded.rng(0)["cpu"], ckpt_io.rng_state()["cpu"])
+    assert loaded.rng(1) is None
 
 
 def test_sigkill_while_writing_keeps_previous_checkpoint(tmp_path, caplog):

@@ -14,9 +14,9 @@ from PIL import Image
 
 from latentlm import cli
 from latentlm.config import TrainConfig
-from latentlm.sample import generate_grid
-from latentlm.tokenizers import PatchTokenizer
-from latentlm.train import check_train_config, train
+from latentlm.tokenizers import IdentityTokenizer
+from latentlm.training.model import train
+from latentlm.visualize import sample_grid
 from train_helpers import cli_args, make_image_folder, subprocess_env, tiny_config
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
@@ -60,7 +60,7 @@ def test_recipe_values_are_defaults_that_flags_override(tmp_path):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipes_parse_and_validate(recipe):
     _, cfg = cli.parse(["train", "--config", str(recipe)])
-    check_train_config(cfg)
+    cfg.validate()
     assert cfg.model.name in recipe.read_text()
 
 
@@ -95,14 +95,14 @@ def test_commands_registry_is_extensible(monkeypatch):
     (["--resume", "/no/run"], "error: resume=/no/run: no such checkpoint"),
 ])
 def test_invalid_options_exit_2_with_one_line(tmp_path, data, monkeypatch, capsys, flags, message):
-    import latentlm.train as train_module
+    import latentlm.training.model as train_module
 
     def forbidden(*args, **kwargs):
         raise AssertionError("data or model work started before validation")
 
     monkeypatch.setattr(train_module, "model_from_config", forbidden)
     monkeypatch.setattr(train_module, "build_dataset", forbidden)
-    monkeypatch.setattr(train_module, "Accelerator", forbidden)
+    monkeypatch.setattr(train_module, "make_accelerator", forbidden)
     args = cli_args(tmp_path / "run", data)
     if flags[0] in ("--model.name", "--data.path", "--data.image-size"):  # replace the value cli_args set
         i = args.index(flags[0])
@@ -124,7 +124,7 @@ def test_unknown_flag_exits_2(capsys):
 
 
 def test_divergence_exits_4(monkeypatch, capsys):
-    from latentlm.train import TrainingDiverged
+    from latentlm.training.loop import TrainingDiverged
 
     def diverge(cfg):
         raise TrainingDiverged("stopped at step 3: 3 consecutive steps had non-finite loss")
@@ -153,10 +153,10 @@ def test_train_then_sample_grid(tmp_path, data, capsys):
     assert grid.shape[0] == 2 * (64 + 2) + 2  # two rows of 8x8 images shown at 64 px
     # The grid is the EMA model's: regenerate it in memory from the trained EMA weights.
     record = json.loads((result.checkpoint / "tokenizer.json").read_text())
-    tokenizer = PatchTokenizer(1)
+    tokenizer = IdentityTokenizer(1)
     tokenizer.set_normalization(record["scale"], record["bias"])
     sampler = dataclasses.replace(tiny_config(run, data).sampler, num_steps=3, cfg_scale=2.0)
-    expected = generate_grid(result.ema, tokenizer, [0, 2], 3, sampler, seed=1,
+    expected = sample_grid(result.ema, tokenizer, [0, 2], 3, sampler, seed=1,
                              class_names=["class0", "class1", "class2"])
     assert np.array_equal(grid, np.asarray(expected))
     # Same seed -> same PNG; raw weights -> a different one.

@@ -8,8 +8,8 @@ import math
 import torch
 from PIL import Image
 
-from latentlm.config import SamplerConfig
-from latentlm.demo import DemoConfig, demo
+from latentlm.commands.demo import demo
+from latentlm.config import DemoConfig, SamplerConfig
 from latentlm.tokenizers.sigma_vae import SigmaVAEConfig
 
 

@@ -12,23 +12,22 @@ import math
 import pytest
 import torch
 
-from latentlm.config import ProcessConfig, SamplerConfig
+from latentlm.config import ModelConfig, ProcessConfig, SamplerConfig
 from latentlm.diffusion import (
     DDPMProcess,
     FlowProcess,
-    SampleNoise,
     build_process,
-    cfg_combine,
-    cfg_scale_at,
-    check_sampler,
     ddim_sample,
     ddpm_sample,
     dpm_solver_sample,
     euler_sample,
+    guidance_combine,
+    guidance_scale_at,
     heun_sample,
     inference_timesteps,
     sample,
 )
+from latentlm.models.generation import SampleNoise
 
 # ORACLE_SCHEDULE_NOTE: the schedule is pinned against diffusers' own in
 # test_schedule_matches_diffusers. Elsewhere diffusers' DDPM/DDIM formulas get our float64 ᾱ, because
@@ -408,7 +407,9 @@ def test_sample_dispatches_to_the_named_sampler():
     ],
 )
 def test_sample_refuses_bad_configs(process_cfg, sampler_cfg, match):
+    """Sampler rules are checked once, by ``SamplerConfig.validate``; ``sample`` only asks for what it needs."""
     with pytest.raises(ValueError, match=match):
+        sampler_cfg.validate(ModelConfig(process=process_cfg))
         sample(build_process(process_cfg), smooth_denoiser, noise((2, 4)), sampler_cfg)
 
 
@@ -427,22 +428,22 @@ def test_build_process_refuses_bad_configs(cfg, match):
         build_process(cfg)
 
 
-def test_check_sampler_accepts_every_valid_pair():
+def test_sampler_validate_accepts_every_valid_pair():
     for kind, names in (("ddpm", ("dpm_solver", "ddim", "ddpm")), ("flow", ("euler", "heun"))):
         for name in names:
-            check_sampler(build_process(ProcessConfig(kind=kind)), SamplerConfig(sampler=name))
+            SamplerConfig(sampler=name).validate(ModelConfig(process=ProcessConfig(kind=kind)))
 
 
-def test_cfg_combine_and_schedule():
+def test_guidance_combine_and_schedule():
     cond, uncond = noise((3, 4, 2, 2), 0), noise((3, 4, 2, 2), 1)
-    assert torch.equal(cfg_combine(cond, uncond, 1.0), cond)
-    torch.testing.assert_close(cfg_combine(cond, uncond, 0.0), uncond)
-    torch.testing.assert_close(cfg_combine(cond, uncond, 3.0), 3 * cond - 2 * uncond)  # all channels
-    assert cfg_scale_at(0, 256, 3.0, "constant") == 3.0
-    assert cfg_scale_at(255, 256, 3.0, "linear") == 3.0
-    assert cfg_scale_at(127, 256, 3.0, "linear") == 2.0
+    assert torch.equal(guidance_combine(cond, uncond, 1.0), cond)
+    torch.testing.assert_close(guidance_combine(cond, uncond, 0.0), uncond)
+    torch.testing.assert_close(guidance_combine(cond, uncond, 3.0), 3 * cond - 2 * uncond)  # all channels
+    assert guidance_scale_at(0, 256, 3.0, "constant") == 3.0
+    assert guidance_scale_at(255, 256, 3.0, "linear") == 3.0
+    assert guidance_scale_at(127, 256, 3.0, "linear") == 2.0
     with pytest.raises(ValueError, match="cfg_schedule='cosine'.*constant"):
-        cfg_scale_at(0, 256, 3.0, "cosine")
+        guidance_scale_at(0, 256, 3.0, "cosine")
 
 
 def test_sample_noise_depends_only_on_seed_and_index():

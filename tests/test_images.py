@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from latentlm.cli import main
 from latentlm.data import BadDataError, BadImage, ImageFolder, collate_skipping_bad, load_image
 from latentlm.data.images import BadImageError, to_rgb
-from latentlm.train import ShardedBatchSampler, train
+from latentlm.training.loop import ShardedBatchSampler
+from latentlm.training.model import train
 from train_helpers import tiny_config
 
 SIZE = 8  # crop size

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 
 from latentlm.config import CacheLatentsConfig, ConfigError, DataConfig, TokenizerConfig
 from latentlm.data import BadDataError, ImageFolder
-from latentlm.data.cache import MANIFEST, PLAN, CachedLatents, cache_latents, iterate_shards, read_manifest
+from latentlm.data.cache import MANIFEST, PLAN, CachedLatents, iterate_shards, read_manifest, write_cache
 from latentlm.tokenizers import Tokenizer
 from latentlm.tokenizers.kl16 import kl16_from_ldm_state_dict
 from latentlm.tokenizers.sigma_vae import SigmaVAE, load_sigma_vae, save_sigma_vae
-from latentlm.train import train
+from latentlm.training.model import train
 from test_images import LIMIT, make_mixed_folder
 from test_kl16 import tiny_ldm
 from train_helpers import make_image_folder, subprocess_env, tiny_config, wait_for
@@ -89,7 +89,7 @@ def files(root: Path) -> dict[str, bytes]:
 
 def test_cache_holds_exact_moments_and_trains_like_the_images(tmp_path, data):
     cache = tmp_path / "cache"
-    manifest_path = cache_latents(cache_config(cache, data, images_per_shard=5, batch_size=2), tokenizer=ToyGaussian())
+    manifest_path = write_cache(cache_config(cache, data, images_per_shard=5, batch_size=2), tokenizer=ToyGaussian())
     manifest = json.loads(manifest_path.read_text())
     folder = ImageFolder(data, 8)
     assert manifest["classes"] == folder.classes == ["class0", "class1", "class2"]
@@ -128,7 +128,7 @@ def test_cache_holds_exact_moments_and_trains_like_the_images(tmp_path, data):
 
 def test_kl16_cache_holds_its_diagonal_gaussian(tmp_path, data):
     kl16 = kl16_from_ldm_state_dict(tiny_ldm().state_dict())  # f = 4: 8x8 images -> 16 x 2 x 2 latents
-    manifest = json.loads(cache_latents(cache_config(tmp_path, data, batch_size=7), tokenizer=kl16).read_text())
+    manifest = json.loads(write_cache(cache_config(tmp_path, data, batch_size=7), tokenizer=kl16).read_text())
     assert manifest["tokenizer"]["kind"] == "kl16" and manifest["std_shape"] == [16, 2, 2]
     folder = ImageFolder(data, 8)
     images = torch.stack([folder[i][0] for i in range(21)])
@@ -146,7 +146,7 @@ def test_unreadable_images_are_listed_and_too_many_refused(tmp_path):
     good, bad = make_mixed_folder(root)
     cfg = cache_config(tmp_path / "cache", root, images_per_shard=5)
     cfg.data = dataclasses.replace(cfg.data, max_image_pixels=LIMIT, max_bad_fraction=0.5)
-    manifest = json.loads(cache_latents(cfg, tokenizer=ToyGaussian()).read_text())
+    manifest = json.loads(write_cache(cfg, tokenizer=ToyGaussian()).read_text())
     assert manifest["counts"]["images"] == len(good) and manifest["counts"]["unreadable"] == len(bad)
     assert sorted(str(Path(p).relative_to(root)) for _, p, _ in manifest["unreadable"]) == sorted(bad)
     assert len(CachedLatents(tmp_path / "cache")) == len(good)
@@ -154,7 +154,7 @@ def test_unreadable_images_are_listed_and_too_many_refused(tmp_path):
     cfg = dataclasses.replace(cfg, out=str(tmp_path / "strict"))
     cfg.data = dataclasses.replace(cfg.data, max_bad_fraction=0.1)
     with pytest.raises(BadDataError, match=r"strict: 6 of 18 images are unreadable"):
-        cache_latents(cfg, tokenizer=ToyGaussian())
+        write_cache(cfg, tokenizer=ToyGaussian())
     assert not (tmp_path / "strict" / MANIFEST).exists()  # an unfinished cache is never trained from
     with pytest.raises(ConfigError, match="no manifest.json; its `latentlm cache-latents` run did not finish"):
         read_manifest(tmp_path / "strict")
@@ -162,7 +162,7 @@ def test_unreadable_images_are_listed_and_too_many_refused(tmp_path):
 
 def test_a_cache_from_another_tokenizer_or_size_is_refused(tmp_path, data, sigma_file):
     cache = tmp_path / "cache"
-    cache_latents(cache_config(cache, data, sigma_file))
+    write_cache(cache_config(cache, data, sigma_file))
     torch.manual_seed(1)
     other = save_sigma_vae(SigmaVAE(latent_channels=4, base_channels=32, channel_mult=(1, 2)),
                            tmp_path / "other.safetensors")
@@ -182,11 +182,11 @@ def test_a_cache_from_another_tokenizer_or_size_is_refused(tmp_path, data, sigma
     with pytest.raises(ConfigError, match=r"holds 8x8 images, but data.image_size=16; pass --data.image-size 8"):
         train(cfg)
     with pytest.raises(ConfigError, match=r"holds a latent cache made with other settings \(tokenizer: "):
-        cache_latents(cache_config(cache, data, other))  # nor is it mixed with another tokenizer's shards
+        write_cache(cache_config(cache, data, other))  # nor is it mixed with another tokenizer's shards
     before = files(cache)
     moved = tmp_path / "moved.safetensors"
     moved.write_bytes(sigma_file.read_bytes())
-    cache_latents(cache_config(cache, data, moved))  # the same weights elsewhere: the same cache, untouched
+    write_cache(cache_config(cache, data, moved))  # the same weights elsewhere: the same cache, untouched
     assert files(cache) == before
 
 
@@ -197,7 +197,7 @@ def test_a_cache_from_another_tokenizer_or_size_is_refused(tmp_path, data, sigma
 
 def test_killed_run_reruns_to_the_files_of_an_uninterrupted_run(tmp_path, data, sigma_file):
     straight = tmp_path / "straight"
-    cache_latents(cache_config(straight, data, sigma_file))  # 21 images -> 6 shards of <= 4
+    write_cache(cache_config(straight, data, sigma_file))  # 21 images -> 6 shards of <= 4
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, THIS, "kill", str(killed), str(data), str(sigma_file)],
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -214,7 +214,7 @@ def test_killed_run_reruns_to_the_files_of_an_uninterrupted_run(tmp_path, data, 
     assert any(".tmp-" in k for k in left)  # the shard being written when it died
     kept = {k: os.stat(killed / k).st_mtime_ns for k in left if k.startswith("shards/shard-")}
 
-    cache_latents(cache_config(killed, data, sigma_file))
+    write_cache(cache_config(killed, data, sigma_file))
     assert files(killed) == files(straight)  # same names, same bytes; the temporary file is gone
     assert {k: os.stat(killed / k).st_mtime_ns for k in kept} == kept  # finished shards were not redone
 
@@ -232,7 +232,7 @@ def test_two_processes_write_every_image_once(tmp_path, data, sigma_file):
     indices = [i for shard in iterate_shards(out) for i in shard["indices"].tolist()]
     assert sorted(indices) == list(range(21))  # every image exactly once
     one = tmp_path / "one"
-    cache_latents(cache_config(one, data, sigma_file))
+    write_cache(cache_config(one, data, sigma_file))
     assert files(out) == files(one)  # the files do not depend on the number of processes
 
 

@@ -18,20 +18,13 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from latentlm import evaluate as digits_evaluate
+from latentlm.commands.evaluate import evaluate
+from latentlm.commands.reference_stats import reference_stats
 from latentlm.config import ConfigError, EvaluateConfig, ReferenceStatsConfig, SamplerConfig
-from latentlm.metrics import (
-    INCEPTION_FILE,
-    InceptionFeatures,
-    RunningMoments,
-    evaluate,
-    frechet_distance,
-    gaussian_statistics,
-    load_reference,
-    reference_stats,
-    resolve_inception_weights,
-)
-from test_generate_many import make_checkpoint
+from latentlm.metrics import digits as digits_metrics
+from latentlm.metrics.inception import INCEPTION_FILE, InceptionFeatures, load_reference, resolve_inception_weights
+from latentlm.metrics.statistics import RunningMoments, frechet_distance, gaussian_statistics
+from test_sample_many import make_checkpoint
 
 
 def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -84,18 +77,13 @@ def random_gaussian(rng: np.random.Generator, dim: int) -> tuple[np.ndarray, np.
     return rng.normal(size=dim), a @ a.T / (2 * dim) + 0.1 * np.eye(dim)
 
 
-@pytest.mark.parametrize("fd", [frechet_distance, "evaluate"], ids=["metrics", "evaluate"])
 @pytest.mark.parametrize("dim", [8, 256])
-def test_frechet_distance_matches_scipy_sqrtm_closed_form(fd, dim):
+def test_frechet_distance_matches_scipy_sqrtm_closed_form(dim):
     rng = np.random.default_rng(dim)
     (mu1, s1), (mu2, s2) = random_gaussian(rng, dim), random_gaussian(rng, dim)
     covmean = scipy.linalg.sqrtm(s1 @ s2)
     expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real)
-    if fd == "evaluate":
-        got = digits_evaluate.frechet_distance(mu1, s1, mu2, s2)
-    else:
-        got = fd({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2})
-    assert got == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
 
 
 def test_frechet_distance_of_commuting_covariances_is_the_eigenvalue_formula():
@@ -105,15 +93,15 @@ def test_frechet_distance_of_commuting_covariances_is_the_eigenvalue_formula():
     a, b = rng.uniform(0.1, 3, 32), rng.uniform(0.1, 3, 32)
     mu1, mu2 = rng.normal(size=32), rng.normal(size=32)
     expected = (mu1 - mu2) @ (mu1 - mu2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    got = frechet_distance({"mu": mu1, "sigma": q @ np.diag(a) @ q.T}, {"mu": mu2, "sigma": q @ np.diag(b) @ q.T})
+    got = frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
     assert got == pytest.approx(expected, rel=1e-6)
 
 
 def test_frechet_distance_promotes_float32_means_and_refuses_mismatched_shapes():
     mu, sigma = np.ones(4, np.float32), np.eye(4)
-    assert frechet_distance({"mu": mu, "sigma": sigma}, {"mu": np.zeros(4), "sigma": sigma}) == pytest.approx(4.0)
+    assert frechet_distance(mu, sigma, np.zeros(4), sigma) == pytest.approx(4.0)
     with pytest.raises(ValueError, match="do not match"):
-        frechet_distance({"mu": mu, "sigma": sigma}, {"mu": np.zeros(3), "sigma": np.eye(3)})
+        frechet_distance(mu, sigma, np.zeros(3), np.eye(3))
 
 
 def test_running_moments_equal_numpy_mean_and_cov():
@@ -211,8 +199,8 @@ def test_digits_checkpoint_is_scored_by_the_digit_classifier(tmp_path):
     config.write_text(config.read_text().replace('"kind": "folder"', '"kind": "digits"'))
     cfg = EvaluateConfig(checkpoint=str(ckpt), out=str(tmp_path / "digits.npz"), per_class=3, batch_size=30,
                          sampler=SamplerConfig(num_steps=2), device="cpu", progress=False)
-    train_classifier = digits_evaluate.train_digit_classifier
-    with mock.patch.object(digits_evaluate, "train_digit_classifier",  # 1 epoch: this tests the wiring
+    train_classifier = digits_metrics.train_digit_classifier
+    with mock.patch.object(digits_metrics, "train_digit_classifier",  # 1 epoch: this tests the wiring
                            lambda *a, **k: train_classifier(*a, **{**k, "epochs": 1})):
         metrics = evaluate(cfg)["metrics"]
     assert set(metrics) == {"digits"}
@@ -277,7 +265,8 @@ def test_missing_inception_weights_fail_at_once_naming_the_file(tmp_path, monkey
         resolve_inception_weights("/nowhere.pth")
     samples = tmp_path / "s.npz"
     np.savez(samples, arr_0=real_images(4))
-    with mock.patch("latentlm.metrics.InceptionFeatures") as network, pytest.raises(ConfigError, match=INCEPTION_FILE):
+    with mock.patch("latentlm.commands.evaluate.InceptionFeatures") as network, \
+            pytest.raises(ConfigError, match=INCEPTION_FILE):
         evaluate(EvaluateConfig(out=str(samples), reference=str(good_reference)))
     network.assert_not_called()
 
@@ -305,5 +294,8 @@ def test_gaussian_statistics_are_torch_fidelitys():
     from torch_fidelity.metric_fid import fid_features_to_statistics
 
     x = torch.randn(50, 10)
-    ours, theirs = gaussian_statistics(x), fid_features_to_statistics(x)
-    assert np.array_equal(ours["mu"], theirs["mu"]) and np.array_equal(ours["sigma"], theirs["sigma"])
+    (mu, sigma), theirs = gaussian_statistics(x), fid_features_to_statistics(x)
+    # Our one estimator (shifted float64 sums) is torch-fidelity's np.mean / np.cov, without its float32 mean.
+    np.testing.assert_allclose(mu, theirs["mu"], rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(sigma, theirs["sigma"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(mu, x.double().numpy().mean(axis=0), rtol=1e-12, atol=1e-15)

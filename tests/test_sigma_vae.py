@@ -11,11 +11,11 @@ import torch
 from safetensors import safe_open
 
 from latentlm.checkpoint import list_checkpoints, load_checkpoint
-from latentlm.config import ConfigError, DataConfig, TokenizerConfig
+from latentlm.config import ConfigError, DataConfig, SigmaVAEConfig, TokenizerConfig, TokenizerTrainConfig
 from latentlm.data.digits import DigitsDataset
 from latentlm.tokenizers import build_tokenizer
-from latentlm.tokenizers.sigma_vae import SigmaVAE, SigmaVAEConfig, checkpoint_config, load_sigma_vae, save_sigma_vae
-from latentlm.train_tokenizer import TokenizerTrainConfig, train_tokenizer
+from latentlm.tokenizers.sigma_vae import SigmaVAE, checkpoint_config, load_sigma_vae, save_sigma_vae
+from latentlm.training.tokenizer import train_tokenizer
 
 TINY_CONV = dict(latent_channels=4, base_channels=8, channel_mult=(1, 2))  # 16x16 -> 8x8 latents
 TINY_VIT = dict(variant="vit", latent_channels=4, patch_size=4, hidden_size=32, depth=1, num_heads=2)

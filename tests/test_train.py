@@ -10,18 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from latentlm.checkpoint import list_checkpoints, load_checkpoint, load_rng
+from latentlm.checkpoint import Checkpoint, list_checkpoints, load_checkpoint
 from latentlm.config import ConfigError
 from latentlm.data import ImageFolder
 from latentlm.models import get_config
-from latentlm.train import (
-    ShardedBatchSampler,
-    TrainingDiverged,
-    ema_decay_at,
-    lr_multiplier,
-    param_groups,
-    train,
-)
+from latentlm.training.loop import ShardedBatchSampler, TrainingDiverged, ema_decay_at
+from latentlm.training.model import lr_multiplier, param_groups, train
 from train_helpers import assert_states_equal, make_image_folder, tiny_config
 
 
@@ -38,7 +32,7 @@ def assert_same_run(a, b) -> None:
     assert_states_equal(ca.ema, cb.ema, "ema")
     assert_states_equal(ca.optimizer, cb.optimizer, "optimizer")
     assert_states_equal(ca.schedule, cb.schedule, "schedule")
-    assert_states_equal(load_rng(a, 0), load_rng(b, 0), "rng")
+    assert_states_equal(Checkpoint(a).rng(0), Checkpoint(b).rng(0), "rng")
     assert ca.state == cb.state
     assert ca.tokenizer == cb.tokenizer
 
@@ -171,9 +165,10 @@ def test_lr_schedule_warmup_then_cosine(tmp_path, data):
 
 def test_ema_warmup_ramps(tmp_path, data):
     cfg = tiny_config(tmp_path, data, ema_decay=0.9999)
-    assert [ema_decay_at(t, cfg) for t in (0, 1, 80, 890)] == pytest.approx([0.1, 2 / 11, 0.9, 0.99])
-    assert ema_decay_at(10**7, cfg) == 0.9999
-    assert ema_decay_at(0, dataclasses.replace(cfg, ema_warmup=False)) == 0.9999
+    ramp = [ema_decay_at(t, cfg.ema_decay, cfg.ema_warmup) for t in (0, 1, 80, 890)]
+    assert ramp == pytest.approx([0.1, 2 / 11, 0.9, 0.99])
+    assert ema_decay_at(10**7, cfg.ema_decay, cfg.ema_warmup) == 0.9999
+    assert ema_decay_at(0, cfg.ema_decay, warmup=False) == 0.9999
 
 
 def test_ema_after_first_step_follows_the_ramp(tmp_path, data):
@@ -241,7 +236,7 @@ def test_precision_can_change_between_runs_in_one_process(tmp_path, data):
 
 
 def test_invalid_options_raise_before_work(tmp_path, data, monkeypatch):
-    import latentlm.train as train_module
+    import latentlm.training.model as train_module
 
     def forbidden(*args, **kwargs):
         raise AssertionError("heavy work started before validation")

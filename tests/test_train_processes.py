@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from latentlm.checkpoint import list_checkpoints
-from latentlm.train import EXIT_INTERRUPTED, train
+from latentlm.training.loop import EXIT_INTERRUPTED
+from latentlm.training.model import train
 from train_helpers import (
     assert_states_equal,
     make_image_folder,

@@ -132,9 +132,10 @@ def _sigkill(out: Path, data: Path) -> None:
 
 
 def _sigterm(out: Path, data: Path) -> None:
-    from latentlm import cli, train
+    from latentlm import cli
+    from latentlm.training import loop
 
-    original = train.ShardedBatchSampler.__iter__
+    original = loop.ShardedBatchSampler.__iter__
 
     def iterate_with_pause(self):
         for m, batch in enumerate(original(self), start=self.start):
@@ -145,14 +146,14 @@ def _sigterm(out: Path, data: Path) -> None:
                     time.sleep(0.02)
             yield batch
 
-    train.ShardedBatchSampler.__iter__ = iterate_with_pause
+    loop.ShardedBatchSampler.__iter__ = iterate_with_pause
     cli.main(cli_args(out / "run", data, "--max-steps", "5", "--checkpoint-every", "100"))
 
 
 def _ddp(out: Path, data: Path) -> None:
     from safetensors.torch import save_file
 
-    from latentlm.train import train
+    from latentlm.training.model import train
 
     cfg = tiny_config(out / "run", data, max_steps=3, batch_size=8, grad_accum_steps=2, checkpoint_every=2)
     result = train(cfg)

@@ -4,35 +4,38 @@ Layout of ``<output_dir>/checkpoints/step-00001000/``::
 
     model.safetensors   training weights (fp32)
     ema.safetensors     EMA weights (what sampling uses by default)
-    config.json         {"train": TrainConfig as a dict (resolved model config inside), "class_names": [...]}
-    tokenizer.json      kind, constructor arguments, source file, fingerprint and the normalization
-                        stats (scale = 1/std, bias = -mean) the model was trained with
-    state.json          step, data position, loss history, non-finite-step counters
+    config.json         the run's config: {"train": TrainConfig as a dict (resolved model config inside),
+                        "class_names": [...]} (model runs) or {"train_tokenizer": ...} (σ-VAE runs)
+    tokenizer.json      the tokenizer record: kind, constructor arguments, source file, fingerprint and
+                        the normalization stats (scale = 1/std, bias = -mean) the model was trained with
+    state.json          the trainer's resumable counters (step, data position, loss history, ...)
     optimizer.pt        AdamW state dict          } torch.save of tensors and plain containers only;
     schedule.pt         LR scheduler (+ GradScaler) } read back with torch.load(weights_only=True)
     rng-rank{r}.pt      torch RNG state of process r (CPU and CUDA)
-    COMPLETE            JSON {"step", "files": {name: size}}, written last by atomic rename
+    COMPLETE            JSON {"step", "world_size", "files": {name: size}}, written last by atomic rename
 
-Every file is written to a temporary name, fsynced and renamed into place, so a crash leaves
-either the old bytes or the new ones. A directory without ``COMPLETE`` (or whose files do not
-match the sizes it lists) is incomplete: resume skips it and says why. Old checkpoints are
-deleted only after a newer one is complete.
+Every file is written atomically (``latentlm.io``), so a crash leaves either the old bytes or the new
+ones. A directory without ``COMPLETE`` (or whose files do not match the sizes it lists) is
+incomplete: resume skips it and says why. Old checkpoints are deleted only after a newer one is
+complete. ``Checkpoint`` is the one reader of these files.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from latentlm.io import fsync_dir, read_json, read_torch, write_json, write_safetensors, write_torch
 
 log = logging.getLogger(__name__)
 
@@ -47,62 +50,6 @@ class NonFiniteWeightsError(RuntimeError):
     """Weights with NaN/inf were about to be checkpointed; nothing was written."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Atomic file writes
-# ---------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, rename it to ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, allow_nan=True)))
-
-
-def write_torch(path: Path, obj: Any) -> None:
-    """torch.save of tensors and plain containers (what ``torch.load(weights_only=True)`` reads)."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def write_safetensors(path: Path, state: dict[str, torch.Tensor]) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-
-
-def read_torch(path: Path) -> Any:
-    """Load a file written by ``write_torch``; never unpickles arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing a checkpoint
-# ---------------------------------------------------------------------------------------------
-
-
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
     """``<output_dir>/checkpoints/step-<step, 8 digits>``."""
     return Path(output_dir) / CHECKPOINTS_DIR / f"step-{step:08d}"
@@ -113,6 +60,11 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteWeightsError(f"{what} tensor {name!r} has NaN/inf values; refusing to checkpoint it")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a checkpoint
+# ---------------------------------------------------------------------------------------------
 
 
 def begin_checkpoint(path: Path) -> None:
@@ -175,12 +127,12 @@ def mark_complete(path: Path, step: int, world_size: int) -> None:
         raise RuntimeError(f"checkpoint {path} is missing {missing}; not marking it complete")
     files = {n: (path / n).stat().st_size for n in names}
     write_json(path / MARKER, {"step": step, "world_size": world_size, "files": files})
-    _fsync_dir(path)
-    _fsync_dir(path.parent)
+    fsync_dir(path)
+    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding, pruning and reading checkpoints
+# Finding and pruning checkpoints
 # ---------------------------------------------------------------------------------------------
 
 
@@ -199,8 +151,7 @@ def checkpoint_problem(path: Path) -> str | None:
     if not marker.is_file():
         return f"no {MARKER} marker (the run stopped while writing it)"
     try:
-        info = json.loads(marker.read_text())
-        files = dict(info["files"])
+        files = dict(read_json(marker)["files"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"unreadable {MARKER} marker ({err})"
     for name, size in files.items():
@@ -267,46 +218,85 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> list[Pat
     return [e.path for e in doomed]
 
 
-@dataclass
+# ---------------------------------------------------------------------------------------------
+# Reading a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
 class Checkpoint:
-    """What ``load_checkpoint`` reads (RNG states stay on disk: each process reads its own)."""
+    """A complete checkpoint on disk. The small JSON files are read on opening; weights, optimizer and
+    schedule on first access (on CPU); RNG states per process (``rng``)."""
 
-    path: Path
-    step: int
-    config: dict[str, Any]  # {"train": ..., "class_names": ...}
-    tokenizer: dict[str, Any]
-    state: dict[str, Any]
-    model: dict[str, torch.Tensor]
-    ema: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    schedule: dict[str, Any]
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        problem = checkpoint_problem(self.path)
+        if problem:
+            raise ValueError(f"checkpoint {self.path} is incomplete: {problem}")
+        self.config: dict[str, Any] = read_json(self.path / "config.json")
+        self.tokenizer: dict[str, Any] = read_json(self.path / "tokenizer.json")
+        self.state: dict[str, Any] = read_json(self.path / "state.json")
+        self.step = int(self.state["step"])
+
+    @cached_property
+    def model(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / "model.safetensors")
+
+    @cached_property
+    def ema(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / "ema.safetensors")
+
+    @cached_property
+    def optimizer(self) -> dict[str, Any]:
+        return read_torch(self.path / "optimizer.pt")
+
+    @cached_property
+    def schedule(self) -> dict[str, Any]:
+        return read_torch(self.path / "schedule.pt")
+
+    def rng(self, rank: int) -> dict[str, torch.Tensor] | None:
+        """Process ``rank``'s RNG state, or None if that process did not exist then."""
+        file = self.path / f"rng-rank{rank}.pt"
+        return read_torch(file) if file.is_file() else None
+
+    @property
+    def train_config(self) -> dict[str, Any]:
+        """The model run's ``TrainConfig`` as a dict (``config.json["train"]``)."""
+        return self.config["train"]
+
+    @property
+    def class_names(self) -> list[str]:
+        num_classes = self.train_config["model"]["num_classes"]
+        return list(self.config.get("class_names") or [str(i) for i in range(num_classes)])
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a complete checkpoint (``ValueError`` when it is incomplete)."""
+    return Checkpoint(path)
 
 
-def load_checkpoint(path: str | os.PathLike, weights_only: bool = False) -> Checkpoint:
-    """Read a complete checkpoint on CPU. ``weights_only`` skips the optimizer and schedule files."""
-    path = Path(path)
-    problem = checkpoint_problem(path)
-    if problem:
-        raise ValueError(f"checkpoint {path} is incomplete: {problem}")
-    state = read_json(path / "state.json")
-    return Checkpoint(
-        path=path,
-        step=int(state["step"]),
-        config=read_json(path / "config.json"),
-        tokenizer=read_json(path / "tokenizer.json"),
-        state=state,
-        model=load_file(path / "model.safetensors"),
-        ema=load_file(path / "ema.safetensors"),
-        optimizer={} if weights_only else read_torch(path / "optimizer.pt"),
-        schedule={} if weights_only else read_torch(path / "schedule.pt"),
-    )
+@dataclass
+class TrainedModel:
+    """What sampling needs from a run: the model (eval mode), its tokenizer with the run's normalization."""
+
+    model: torch.nn.Module
+    tokenizer: torch.nn.Module
+    class_names: list[str]
+    checkpoint: Checkpoint
 
 
-def load_rng(path: Path, rank: int) -> dict[str, torch.Tensor] | None:
-    """Process ``rank``'s RNG state from a checkpoint, or None if that process did not exist then."""
-    file = path / f"rng-rank{rank}.pt"
-    return read_torch(file) if file.is_file() else None
+def load_trained(checkpoint: str | os.PathLike, ema: bool = True, tokenizer_path: str | None = None,
+                 device: str | torch.device = "cpu") -> TrainedModel:
+    """The model and tokenizer of ``checkpoint`` (a checkpoint directory, or a run directory: its newest
+    complete checkpoint) on ``device``. ``tokenizer_path`` overrides the tokenizer file it records.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` saying what is missing or does not fit.
+    """
+    from latentlm.config import ModelConfig, from_dict
+    from latentlm.models import model_from_config
+    from latentlm.tokenizers import tokenizer_from_record
+
+    ckpt = Checkpoint(resolve_checkpoint(checkpoint))
+    model = model_from_config(from_dict(ModelConfig, ckpt.train_config["model"]))
+    model.load_state_dict(ckpt.ema if ema else ckpt.model)
+    tokenizer = tokenizer_from_record(ckpt.tokenizer, path=tokenizer_path).to(device)
+    return TrainedModel(model.to(device).eval(), tokenizer, ckpt.class_names, ckpt)

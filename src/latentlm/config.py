@@ -1,14 +1,39 @@
-"""Configuration dataclasses, one per concern.
+"""Every configuration dataclass of latentlm, one per concern, each with ``validate()``.
 
-Every dataclass here is plain data: it round-trips through ``dataclasses.asdict`` / JSON and is
-saved with every checkpoint, so a run can always be rebuilt from its own directory.
+Every dataclass here is plain data: it round-trips through ``to_dict`` / ``from_dict`` (JSON) and is
+saved with every checkpoint, so a run can always be rebuilt from its own directory. The command
+line is generated from these classes (``latentlm.cli``), so a field's comment is its ``--help`` text.
+
+``validate()`` checks values only: it is cheap, touches no file contents, no data and no model, and
+raises ``ConfigError`` naming the option, the value and what is allowed. This module imports
+nothing heavy (no torch), so ``latentlm --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """An invalid option, found before any data or model work; the CLI prints it and exits with code 2."""
+
+
+def _at_least(cfg: Any, minimum: int, *names: str, prefix: str = "") -> None:
+    """Raise ``ConfigError`` for the first field of ``names`` below ``minimum``."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < minimum:
+            raise ConfigError(f"{prefix}{name}={value}: must be >= {minimum}")
+
+
+def _choice(value: Any, allowed: tuple[Any, ...], name: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r}: choose one of {', '.join(map(str, allowed))}")
+
 
 # ---------------------------------------------------------------------------------------------
 # Diffusion / flow process (what the model is trained to predict)
@@ -18,6 +43,8 @@ ProcessKind = Literal["ddpm", "flow"]
 BetaSchedule = Literal["linear", "cosine"]
 PredictionType = Literal["epsilon", "v_prediction"]
 TimestepSampling = Literal["uniform", "min_snr", "logit_normal"]
+# Which timestep distributions each process draws from.
+TIMESTEP_SAMPLING = {"ddpm": ("uniform", "min_snr"), "flow": ("uniform", "logit_normal")}
 
 
 @dataclass
@@ -35,6 +62,23 @@ class ProcessConfig:
     logit_normal_mean: float = 0.0  # m of the logit-normal t distribution (flow)
     logit_normal_std: float = 1.0  # s of the logit-normal t distribution (flow)
 
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the bad field and what is allowed."""
+        _choice(self.kind, ("ddpm", "flow"), "ProcessConfig.kind")
+        if self.kind == "ddpm":
+            _choice(self.beta_schedule, ("linear", "cosine"), "beta_schedule")
+            _choice(self.prediction_type, ("epsilon", "v_prediction"), "prediction_type")
+        if self.timestep_sampling not in TIMESTEP_SAMPLING[self.kind]:
+            raise ConfigError(f"timestep_sampling={self.timestep_sampling!r}: {self.kind} process allows "
+                              f"{TIMESTEP_SAMPLING[self.kind]}")
+        minimum = 2 if self.kind == "ddpm" else 1
+        if self.num_train_timesteps < minimum:
+            raise ConfigError(f"num_train_timesteps={self.num_train_timesteps}: must be >= {minimum}")
+        if self.min_snr_gamma <= 0:
+            raise ConfigError(f"min_snr_gamma={self.min_snr_gamma}: must be > 0")
+        if self.logit_normal_std <= 0:
+            raise ConfigError(f"logit_normal_std={self.logit_normal_std}: must be > 0")
+
 
 # ---------------------------------------------------------------------------------------------
 # Sampling (how a trained model turns noise into latents)
@@ -42,11 +86,14 @@ class ProcessConfig:
 
 SamplerName = Literal["dpm_solver", "ddim", "ddpm", "euler", "heun"]
 CfgSchedule = Literal["constant", "linear"]
+# The samplers each process can be solved with, and the DPM-Solver++ orders offered.
+SAMPLERS = {"ddpm": ("dpm_solver", "ddim", "ddpm"), "flow": ("euler", "heun")}
+DPM_SOLVER_ORDERS = (1, 2)
 
 
 @dataclass
 class SamplerConfig:
-    """Solver and guidance settings for ``model.generate``."""
+    """Solver and guidance settings for ``model.generate`` (CFG = classifier-free guidance)."""
 
     sampler: SamplerName = "dpm_solver"  # ddpm process: dpm_solver | ddim | ddpm; flow: euler | heun
     num_steps: int = 20  # solver steps per token (LatentLM) or per image (DiT); 20 is the paper setting
@@ -56,6 +103,36 @@ class SamplerConfig:
     # (MAR's schedule: weak guidance for the first tokens, full guidance for the last).
     cfg_schedule: CfgSchedule = "constant"
     temperature: float = 1.0  # scales the initial noise (and the ancestral noise of the ddpm sampler)
+
+    @property
+    def guided(self) -> bool:
+        """Whether sampling runs the null-class pass: guidance is a no-op only at constant scale 1."""
+        return self.cfg_scale != 1.0 or self.cfg_schedule != "constant"
+
+    def validate(self, model: ModelConfig) -> None:
+        """Raise ``ConfigError`` when these settings cannot sample a model of ``model``.
+
+        The one check of sampler rules: commands call it before any work, ``generate`` once per call;
+        the solvers themselves trust it.
+        """
+        kind = model.process.kind
+        if self.sampler not in SAMPLERS.get(kind, ()):
+            raise ConfigError(f"sampler: sampler={self.sampler!r} does not fit a {kind} process; allowed: "
+                              f"{SAMPLERS.get(kind)}")
+        if self.num_steps < 1:
+            raise ConfigError(f"sampler: num_steps={self.num_steps}: must be >= 1")
+        if kind == "ddpm" and self.num_steps > model.process.num_train_timesteps - 1:
+            raise ConfigError(f"sampler: num_steps={self.num_steps}: linspace spacing needs 1 <= num_steps <= "
+                              f"{model.process.num_train_timesteps - 1}")
+        if self.solver_order not in DPM_SOLVER_ORDERS:
+            raise ConfigError(f"sampler: solver_order={self.solver_order}: must be one of {DPM_SOLVER_ORDERS}")
+        _choice(self.cfg_schedule, ("constant", "linear"), "sampler.cfg_schedule")
+        if model.family == "dit" and self.cfg_schedule != "constant":
+            raise ConfigError(f"sampler.cfg_schedule={self.cfg_schedule!r} follows LatentLM's token order; "
+                              "DiT allows only 'constant'")
+        if not (math.isfinite(self.cfg_scale) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"sampler: cfg_scale={self.cfg_scale} and temperature={self.temperature} must be "
+                              "finite, temperature > 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +173,10 @@ class ModelConfig:
     # -- training objective --
     process: ProcessConfig = field(default_factory=ProcessConfig)
 
+    # Fields that change the objective but not the weights; every other field shapes the weights, so a
+    # new field is an architecture field (refused on resume) unless it is listed here.
+    OBJECTIVE_FIELDS = ("name", "batch_mul", "class_dropout_prob", "process")
+
     @property
     def token_dim(self) -> int:
         """Values per token: C * p^2."""
@@ -117,26 +198,29 @@ class ModelConfig:
     def kv_heads(self) -> int:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
+    def architecture(self) -> dict[str, Any]:
+        """The fields that shape the weights (a checkpoint only loads into a model with the same ones)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.OBJECTIVE_FIELDS}
+
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the bad field and what is allowed."""
+        """Raise ``ConfigError`` naming the bad field and what is allowed."""
         if self.family not in ("latentlm", "dit"):
-            raise ValueError(f"family={self.family!r}: must be 'latentlm' or 'dit'")
-        for name in ("in_channels", "input_size", "patch_size", "num_classes", "depth", "hidden_size",
-                     "num_heads", "head_depth", "batch_mul"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+            raise ConfigError(f"family={self.family!r}: must be 'latentlm' or 'dit'")
+        _at_least(self, 1, "in_channels", "input_size", "patch_size", "num_classes", "depth", "hidden_size",
+                  "num_heads", "head_depth", "batch_mul")
         if self.input_size % self.patch_size:
-            raise ValueError(f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}")
+            raise ConfigError(f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+            raise ConfigError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"head dim {self.hidden_size // self.num_heads} must be even (rotary pairs)")
+            raise ConfigError(f"head dim {self.hidden_size // self.num_heads} must be even (rotary pairs)")
         if self.kv_heads < 1 or self.num_heads % self.kv_heads:
-            raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+            raise ConfigError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
         if self.ffn_dim < 1:
-            raise ValueError(f"SwiGLU hidden size {self.ffn_dim} < 1: raise mlp_ratio or set ffn_hidden_size")
+            raise ConfigError(f"SwiGLU hidden size {self.ffn_dim} < 1: raise mlp_ratio or set ffn_hidden_size")
         if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob={self.class_dropout_prob}: must be in [0, 1)")
+            raise ConfigError(f"class_dropout_prob={self.class_dropout_prob}: must be in [0, 1)")
+        self.process.validate()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -149,7 +233,7 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(names)}")
+        raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
         default = names[key].default_factory if names[key].default_factory is not dataclasses.MISSING else None
@@ -161,18 +245,12 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training, data, tokenizer and command configs (the trainer and the CLI)
+# Data and tokenizers
 # ---------------------------------------------------------------------------------------------
 
-
-class ConfigError(ValueError):
-    """An invalid option, found before any data or model work; the CLI prints it and exits with code 2."""
-
-
 DataKind = Literal["folder", "digits", "cached"]
-TokenizerKind = Literal["identity", "sigma_vae", "kl16"]
-MixedPrecision = Literal["no", "fp16", "bf16"]
-LRSchedule = Literal["cosine", "constant"]
+TokenizerKind = Literal["identity", "sigma_vae", "kl16", "reference_sigma_vae"]
+TOKENIZER_KINDS = ("identity", "sigma_vae", "kl16", "reference_sigma_vae")
 
 
 @dataclass
@@ -191,12 +269,30 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     max_image_pixels: int = 89_478_485  # larger images are refused unread (decompression bombs); Pillow's default
 
+    def validate(self) -> None:
+        """Values and the existence of ``path`` (whether a cache is complete is checked when it is opened)."""
+        _choice(self.kind, ("folder", "digits", "cached"), "data.kind")
+        _at_least(self, 1, "image_size", "max_image_pixels", prefix="data.")
+        _at_least(self, 0, "num_workers", prefix="data.")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"data.num_classes={self.num_classes}: must be >= 1 (or unset to use the data's)")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction}: must be in [0, 1]")
+        if self.kind == "folder":
+            if not self.path:
+                raise ConfigError("data.kind=folder needs --data.path (an ImageFolder root: one sub-folder per class)")
+            if not Path(self.path).is_dir():
+                raise ConfigError(f"data.path={self.path}: no such directory (expected an ImageFolder root)")
+        if self.kind == "cached" and not self.path:
+            raise ConfigError("data.kind=cached needs --data.path (a directory written by `latentlm cache-latents`)")
+
 
 @dataclass
 class TokenizerConfig:
     """Which tokenizer turns images into latents, and how its normalization is fitted."""
 
-    # "identity": pixels (f x f patches) as latents; "sigma_vae": a σ-VAE file; "kl16": MAR's KL-16 VAE file
+    # "identity": pixels (f x f patches) as latents; "sigma_vae": a σ-VAE file; "kl16": MAR's KL-16 VAE file;
+    # "reference_sigma_vae": a σ-VAE file of the original LatentLM code
     kind: TokenizerKind = "identity"
     path: str | None = None  # tokenizer checkpoint (σ-VAE: .safetensors file or its directory)
     patch: int = 1  # identity only: f, so a latent has 3 f^2 channels and side S / f
@@ -205,10 +301,100 @@ class TokenizerConfig:
     # 0 keeps the tokenizer's stored stats (e.g. a σ-VAE saved with its own).
     norm_images: int = 10_000
 
+    def validate(self) -> None:
+        _choice(self.kind, TOKENIZER_KINDS, "tokenizer.kind")
+        _at_least(self, 1, "patch", prefix="tokenizer.")
+        _at_least(self, 0, "norm_images", prefix="tokenizer.")
+        if self.kind == "sigma_vae" and not self.path:
+            raise ConfigError("tokenizer.kind=sigma_vae needs --tokenizer.path "
+                              "(a file written by `latentlm train-tokenizer`)")
+        if self.kind == "kl16" and not self.path:
+            raise ConfigError("tokenizer.kind=kl16 needs --tokenizer.path (MAR's kl16.ckpt, or its weights as "
+                              ".safetensors)")
+        if self.kind == "reference_sigma_vae" and not self.path:
+            raise ConfigError("tokenizer.kind=reference_sigma_vae needs --tokenizer.path (a σ-VAE torch file "
+                              "{'config': ..., 'model': ...} of the original LatentLM code)")
+        if self.kind != "identity" and not Path(self.path).exists():
+            raise ConfigError(f"tokenizer.path={self.path}: no such file or directory")
+
+
+SigmaVAEVariant = Literal["conv", "vit"]
+
+
+@dataclass
+class SigmaVAEConfig:
+    """Architecture and noise of a σ-VAE; every field is a constructor argument of ``SigmaVAE``."""
+
+    variant: SigmaVAEVariant = "conv"  # "conv": small images (digits); "vit": ImageNet-size images
+    image_channels: int = 3  # channels of the images it encodes (the tokenizer interface uses RGB)
+    latent_channels: int = 8  # C of one latent token
+    noise_std: float = 0.75  # C_σ: per-image noise scale s ~ N(0, C_σ²) (paper 0.75; reference 0.75/0.8)
+    # -- conv variant --
+    base_channels: int = 16  # width of the first conv level (16: the digits in ~0.13 s per step of 64 on a CPU)
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; downsample = 2^(levels-1)
+    num_res_blocks: int = 1  # residual blocks per level (encoder and decoder)
+    # -- vit variant --
+    patch_size: int = 16  # pixels per side of one patch = one latent token (downsample factor)
+    hidden_size: int = 256  # Transformer width of encoder and decoder
+    depth: int = 4  # Transformer blocks in each of encoder and decoder
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+
+    @property
+    def downsample(self) -> int:
+        if self.variant == "conv":
+            return 2 ** (len(self.channel_mult) - 1)
+        return self.patch_size
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the bad field and what is allowed."""
+        if self.variant not in ("conv", "vit"):
+            raise ConfigError(f"variant={self.variant!r}: must be 'conv' or 'vit'")
+        _at_least(self, 1, "image_channels", "latent_channels", "base_channels", "num_res_blocks", "patch_size",
+                  "hidden_size", "depth", "num_heads")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ConfigError(f"channel_mult={self.channel_mult}: need at least one level, all >= 1")
+        if self.noise_std < 0 or not math.isfinite(self.noise_std):
+            raise ConfigError(f"noise_std={self.noise_std}: must be finite and >= 0")
+        if self.variant == "vit" and (self.hidden_size % self.num_heads or self.hidden_size % 4):
+            raise ConfigError(f"hidden_size={self.hidden_size}: the vit variant needs a multiple of num_heads="
+                              f"{self.num_heads} and of 4 (the 2-D sin-cos position table)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: latentlm train and latentlm train-tokenizer
+# ---------------------------------------------------------------------------------------------
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+LRSchedule = Literal["cosine", "constant"]
+
+
+def _check_optimizer(cfg: Any) -> None:
+    """The AdamW, schedule and EMA options both trainers share."""
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ConfigError(f"lr={cfg.lr}: must be a finite number > 0")
+    if not (math.isfinite(cfg.min_lr) and 0 <= cfg.min_lr <= cfg.lr):
+        raise ConfigError(f"min_lr={cfg.min_lr}: must be finite and in [0, lr={cfg.lr}]")
+    for name in ("weight_decay", "grad_clip"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{name}={value}: must be a finite number >= 0")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise ConfigError(f"betas={tuple(cfg.betas)}: need two values in [0, 1)")
+    if not 0 <= cfg.ema_decay <= 1:
+        raise ConfigError(f"ema_decay={cfg.ema_decay}: must be in [0, 1]")
+    if cfg.stop_at_step is not None and cfg.stop_at_step < 1:
+        raise ConfigError(f"stop_at_step={cfg.stop_at_step}: must be >= 1 (or unset)")
+    _choice(cfg.mixed_precision, ("no", "fp16", "bf16"), "mixed_precision")
+    if cfg.mixed_precision == "fp16" and cfg.cpu:
+        raise ConfigError("mixed_precision=fp16 needs a CUDA GPU; use --mixed-precision bf16 or no")
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint or run directory (or use --resume auto)")
+
 
 @dataclass
 class TrainConfig:
-    """One training run. Defaults are the paper's tokenizer-analysis recipe (SPEC §8)."""
+    """One training run. Defaults are the paper's tokenizer-analysis recipe."""
 
     config: str | None = None  # recipe YAML; its values are defaults that command-line flags override
     output_dir: str = "runs/latentlm"  # run directory: checkpoints/, tb/, samples/, loss.png, train.log
@@ -252,9 +438,87 @@ class TrainConfig:
     tensorboard: bool = True  # scalars (loss, LR, grad norm, images/s) under output_dir/tb
     progress: bool = True  # tqdm bar with loss, LR and images/s
 
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first invalid option. Cheap: touches no data and no model."""
+        _at_least(self, 1, "max_steps", "batch_size", "grad_accum_steps", "checkpoint_every", "keep_last",
+                  "log_every", "max_nonfinite_steps", "sample_classes")
+        _at_least(self, 0, "warmup_steps", "sample_every", "seed")
+        _check_optimizer(self)
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ConfigError(f"eps={self.eps}: must be a finite number >= 0")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum_steps="
+                              f"{self.grad_accum_steps}")
+        try:
+            self.model.validate()
+        except ConfigError as err:
+            raise ConfigError(f"model: {err}") from err
+        self.sampler.validate(self.model)
+
+
+def _digits_data() -> DataConfig:
+    return DataConfig(kind="digits", image_size=16, hflip=False, num_workers=0)
+
 
 @dataclass
-class SampleCommandConfig:
+class TokenizerTrainConfig:
+    """One σ-VAE training run. Defaults train the demo's conv σ-VAE on the bundled digits (minutes on a CPU)."""
+
+    output_dir: str = "runs/sigma-vae"  # checkpoints/, tokenizer.safetensors, recon.png, loss.png, train.log
+    vae: SigmaVAEConfig = field(default_factory=SigmaVAEConfig)  # architecture and C_σ (noise_std)
+    data: DataConfig = field(default_factory=_digits_data)  # digits: 16x16, no flips (a flipped digit is another glyph)
+    # -- objective --
+    prior_weight: float = 1e-2  # weight of Σμ² against Σ(x - x̂)², the prior on the encoder mean (paper: 1e-2)
+    # -- schedule and optimizer (AdamW) --
+    max_steps: int = 1200  # optimizer steps; also the length of the cosine decay
+    stop_at_step: int | None = None  # checkpoint and stop here without changing the LR schedule
+    batch_size: int = 64  # global images per step (split over processes)
+    lr: float = 3e-3  # peak LR; small conv nets on small images take a high one
+    min_lr: float = 0.0  # cosine decays to this at max_steps
+    warmup_steps: int = 50  # linear warm-up from lr / warmup_steps to lr
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0  # the prior term already regularizes the latents
+    grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
+    ema_decay: float = 0.999  # EMA of the weights (exported); warm-up (1 + t) / (10 + t) for early steps
+    # -- export --
+    norm_images: int = 10_000  # training images whose posterior samples fit the saved scale/bias
+    # -- hardware, checkpoints, monitoring --
+    mixed_precision: MixedPrecision = "no"  # "bf16" on GPUs; "no" on CPU
+    cpu: bool = False  # train on CPU even when a GPU is visible
+    seed: int = 0
+    checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 2  # complete checkpoints kept
+    resume: str | None = None  # "auto": newest complete checkpoint in output_dir (none: start fresh); or a path
+    log_every: int = 100  # steps between log lines
+    progress: bool = True  # tqdm bar
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first invalid option; touches no data and no model."""
+        _at_least(self, 1, "max_steps", "batch_size", "checkpoint_every", "keep_last", "log_every")
+        if self.warmup_steps < 0 or self.norm_images < 2:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0 and norm_images={self.norm_images} >= 2")
+        if not math.isfinite(self.prior_weight) or self.prior_weight < 0:
+            raise ConfigError(f"prior_weight={self.prior_weight}: must be a finite number >= 0")
+        _check_optimizer(self)
+        try:
+            self.vae.validate()
+        except ConfigError as err:
+            raise ConfigError(f"vae: {err}") from err
+        if self.data.image_size % self.vae.downsample:
+            raise ConfigError(f"data.image_size={self.data.image_size} is not divisible by the σ-VAE's downsampling "
+                              f"factor {self.vae.downsample}")
+        self.data.validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and evaluation: sample, sample-many, evaluate, reference-stats
+# ---------------------------------------------------------------------------------------------
+
+WeightsDtype = Literal["float32", "bfloat16"]
+
+
+@dataclass
+class SampleConfig:
     """`latentlm sample`: a labelled grid PNG from a checkpoint."""
 
     checkpoint: str  # a checkpoint directory, or a run directory (its newest complete checkpoint)
@@ -267,12 +531,12 @@ class SampleCommandConfig:
     tokenizer_path: str | None = None  # override the tokenizer file recorded in the checkpoint
     device: str = "auto"  # "auto": CUDA when available, else CPU; or any torch device string
 
-
-# ---------------------------------------------------------------------------------------------
-# Large-scale generation and evaluation (FID-50K): sample-many, evaluate, reference-stats
-# ---------------------------------------------------------------------------------------------
-
-WeightsDtype = Literal["float32", "bfloat16"]
+    def validate(self) -> None:
+        _at_least(self, 1, "per_class")
+        if not self.classes:
+            raise ConfigError("classes is empty: pass --classes with at least one class id")
+        if not self.out.lower().endswith(".png"):
+            raise ConfigError(f"out={self.out}: must be a .png path")
 
 
 @dataclass
@@ -300,6 +564,18 @@ class SampleManyConfig:
     device: str = "auto"  # "auto": cuda:<LOCAL_RANK> when available, else CPU; or any torch device string
     progress: bool = True  # tqdm bar (first process) with images/s and ETA
 
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("--checkpoint is required: a checkpoint directory or a run directory")
+        if not self.out.endswith(".npz"):
+            raise ConfigError(f"out={self.out}: must end in .npz (the ADM evaluator's format)")
+        if self.num_images is None:
+            _at_least(self, 1, "per_class")
+        else:
+            _at_least(self, 1, "num_images")
+        _at_least(self, 1, "images_per_shard", "batch_size")
+        _at_least(self, 0, "seed")
+
 
 @dataclass
 class EvaluateConfig(SampleManyConfig):
@@ -317,6 +593,15 @@ class EvaluateConfig(SampleManyConfig):
     inception_batch_size: int = 64  # images per Inception forward (torch-fidelity's default)
     isc_splits: int = 10  # Inception Score splits (torch-fidelity's default)
     prc_neighborhood: int = 3  # k of the k-NN manifolds of precision/recall (ADM, Kynkäänniemi et al.)
+
+    def validate(self) -> None:
+        if self.checkpoint:
+            super().validate()
+        if self.eval_images is not None and self.eval_images < 2:
+            raise ConfigError(f"eval_images={self.eval_images}: need at least 2 images")
+        if not self.checkpoint and not Path(self.out).is_file():
+            raise ConfigError(f"samples {self.out} do not exist: pass --checkpoint to generate them, or --out an "
+                              "existing .npz")
 
 
 @dataclass
@@ -340,6 +625,13 @@ class ReferenceStatsConfig:
     device: str = "auto"  # "auto": CUDA when available, else CPU
     progress: bool = True
 
+    def validate(self) -> None:
+        if not self.out.endswith(".npz"):
+            raise ConfigError(f"out={self.out}: must end in .npz")
+        _at_least(self, 1, "image_size", "batch_size")
+        if self.save_images < 0 or (self.max_images is not None and self.max_images < 2):
+            raise ConfigError(f"save_images={self.save_images} must be >= 0 and max_images={self.max_images} >= 2")
+
 
 # ---------------------------------------------------------------------------------------------
 # The ImageNet path: scan-images, cache-latents, vae-roundtrip
@@ -357,6 +649,13 @@ class ScanImagesConfig:
     out: str | None = None  # also write the list to this file (empty when all are readable)
     batch_size: int = 64  # images per DataLoader batch
     progress: bool = True
+
+    def validate(self) -> None:
+        if self.data.kind != "folder" or not self.data.path:
+            raise ConfigError("scan-images reads an ImageFolder: pass --data.path ROOT")
+        if self.batch_size < 1 or self.data.image_size < 1 or self.data.num_workers < 0:
+            raise ConfigError(f"batch_size={self.batch_size}, data.image_size={self.data.image_size} must be >= 1 "
+                              f"and data.num_workers={self.data.num_workers} >= 0")
 
 
 @dataclass
@@ -380,9 +679,15 @@ class CacheLatentsConfig:
     device: str = "auto"  # "auto": cuda:<LOCAL_RANK> when available, else CPU; or any torch device string
     progress: bool = True
 
+    def validate(self) -> None:
+        _at_least(self, 1, "images_per_shard", "batch_size")
+        _choice(self.dtype, ("float32", "float16"), "dtype")
+        if self.data.kind == "cached":
+            raise ConfigError("data.kind=cached: cache-latents encodes images (kind folder or digits)")
+
 
 @dataclass
-class RoundtripConfig:
+class VaeRoundtripConfig:
     """`latentlm vae-roundtrip`: encode and decode images, write original | reconstruction side by side as
     a PNG (one row per image), print PSNR and SSIM of each and their mean."""
 
@@ -396,3 +701,60 @@ class RoundtripConfig:
     seed: int = 0  # choice of images, and the posterior noise
     max_image_pixels: int = 89_478_485  # larger images are refused unread (decompression bombs)
     device: str = "auto"  # "auto": CUDA when available, else CPU
+
+    def validate(self) -> None:
+        if self.num_images < 1 or self.image_size < 1:
+            raise ConfigError(f"num_images={self.num_images} and image_size={self.image_size} must be >= 1")
+        if not self.images and self.folder is None:
+            raise ConfigError("give image files (--images a.jpg b.png) or a folder to draw from (--folder DIR)")
+        if not self.images and not Path(self.folder).is_dir():
+            raise ConfigError(f"folder={self.folder}: no such directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo
+# ---------------------------------------------------------------------------------------------
+
+
+def _demo_vae() -> SigmaVAEConfig:
+    return SigmaVAEConfig(variant="conv", latent_channels=8, base_channels=16, channel_mult=(1, 2, 2))
+
+
+def _demo_sampler() -> SamplerConfig:
+    return SamplerConfig(sampler="dpm_solver", num_steps=20, cfg_scale=2.0)
+
+
+@dataclass
+class DemoConfig:
+    """``latentlm demo``: defaults finish in under 10 minutes on 2 CPU cores."""
+
+    output_dir: str | None = None  # run directory; None: runs/demo-<timestamp>
+    seed: int = 0  # every phase's seed derives from it
+    image_size: int = 16  # digits are resized from 8x8 to this side
+    # -- σ-VAE: 16x16 -> 4x4 latents of 8 channels, so LatentLM reads 16 tokens of 8 values --
+    vae: SigmaVAEConfig = field(default_factory=_demo_vae)
+    vae_steps: int = 400  # σ-VAE optimizer steps (batch 64, peak LR 3e-3)
+    # -- generators: both get the same steps, batch, LR and latents --
+    latentlm_model: str = "Transformer-Tiny"  # preset of the next-token diffusion model
+    dit_model: str = "DiT-Tiny"  # preset of the baseline
+    # Head samples per token per backbone pass. The preset's 4 amortises a big backbone; on this tiny one
+    # the head dominates, 1 halves the CPU time per step and gave at least as much accuracy per CPU-second.
+    latentlm_batch_mul: int = 1
+    steps: int = 400  # optimizer steps for each of the two models
+    batch_size: int = 64  # images per step
+    lr: float = 2e-3  # peak LR after a warm-up over a tenth of the steps, then cosine decay
+    ema_decay: float = 0.999  # short runs need a short EMA
+    sampler: SamplerConfig = field(default_factory=_demo_sampler)  # 20 DPM-Solver++ steps, CFG 2.0
+    # -- evaluation --
+    classifier_epochs: int = 20  # the metric's CNN: ~97% on the real test digits
+    eval_per_class: int = 30  # generated images per class that are scored; the first 10 per class form the grid
+    threads: int | None = 1  # torch CPU threads; 1 is fastest for these tiny models and robust to a busy machine
+    progress: bool = True  # tqdm bars per phase
+
+    def validate(self) -> None:
+        _at_least(self, 1, "image_size", "vae_steps", "latentlm_batch_mul", "steps", "batch_size",
+                  "classifier_epochs", "eval_per_class")
+        try:
+            self.vae.validate()
+        except ConfigError as err:
+            raise ConfigError(f"vae: {err}") from err

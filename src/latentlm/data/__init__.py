@@ -1,22 +1,21 @@
-"""Training data: every source yields ``(image (3, S, S) float32 in [-1, 1], label int)``.
+"""Training data: image folders, the bundled digits, latent caches, and their batches as latents.
 
-``build_dataset(DataConfig)`` picks the source; ``check_data_config`` validates the options without
-touching the data (the trainer runs it before any heavy work). An ``ImageFolder`` yields a
-``BadImage`` record instead for a file it cannot decode; load batches with ``collate_skipping_bad``,
-which sets them aside. A dataset may also say ``yields_latents = True``: its items are then raw
-latents (C, H, W) of the run's tokenizer instead of images (the trainer only normalizes them); or
-``yields_moments = True`` (a latent cache, ``CachedLatents``): items are posterior moments of the
-image and of its flip, from which the trainer draws the flip and the posterior sample.
+``build_dataset(DataConfig)`` picks the source. Image sources yield ``(image (3, S, S) float32 in
+[-1, 1], label int)``; an ``ImageFolder`` yields a ``BadImage`` record instead for a file it cannot
+decode (load batches with ``collate_skipping_bad``, which sets them aside). A latent cache
+(``CachedLatents``) yields posterior moments of the image and of its flip. ``latent_source`` turns
+either kind of batch into normalized latents (``sources.py``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from latentlm.config import ConfigError, DataConfig
-from latentlm.data.cache import CachedLatents, cache_latents, read_manifest, select_moments
+from latentlm.data.cache import CachedLatents, read_manifest, select_moments, write_cache
 from latentlm.data.digits import DigitsDataset
 from latentlm.data.images import (
     IMAGE_EXTENSIONS,
@@ -30,38 +29,12 @@ from latentlm.data.images import (
     load_image,
     scan_images,
 )
-
-DATA_KINDS = ("folder", "digits", "cached")
-
-
-def check_data_config(cfg: DataConfig) -> None:
-    """Raise ``ConfigError`` naming the bad option; cheap (stats one directory at most)."""
-    if cfg.kind not in DATA_KINDS:
-        raise ConfigError(f"data.kind={cfg.kind!r}: choose one of {', '.join(DATA_KINDS)}")
-    if cfg.image_size < 1:
-        raise ConfigError(f"data.image_size={cfg.image_size}: must be >= 1")
-    if cfg.num_workers < 0:
-        raise ConfigError(f"data.num_workers={cfg.num_workers}: must be >= 0")
-    if cfg.num_classes is not None and cfg.num_classes < 1:
-        raise ConfigError(f"data.num_classes={cfg.num_classes}: must be >= 1 (or unset to use the data's)")
-    if not 0 <= cfg.max_bad_fraction <= 1:
-        raise ConfigError(f"data.max_bad_fraction={cfg.max_bad_fraction}: must be in [0, 1]")
-    if cfg.max_image_pixels < 1:
-        raise ConfigError(f"data.max_image_pixels={cfg.max_image_pixels}: must be >= 1")
-    if cfg.kind == "folder":
-        if not cfg.path:
-            raise ConfigError("data.kind=folder needs --data.path (an ImageFolder root: one sub-folder per class)")
-        if not Path(cfg.path).is_dir():
-            raise ConfigError(f"data.path={cfg.path}: no such directory (expected an ImageFolder root)")
-    if cfg.kind == "cached":
-        if not cfg.path:
-            raise ConfigError("data.kind=cached needs --data.path (a directory written by `latentlm cache-latents`)")
-        read_manifest(cfg.path)  # a complete cache, else says what to do
+from latentlm.data.sources import ImageSource, MomentSource, latent_source
 
 
 def build_dataset(cfg: DataConfig) -> Dataset:
     """The training set ``cfg`` describes. Raises ``ConfigError`` when it is unusable (e.g. empty)."""
-    check_data_config(cfg)
+    cfg.validate()
     if cfg.kind == "digits":
         return DigitsDataset(split="train", image_size=cfg.image_size)
     if cfg.kind == "cached":
@@ -72,14 +45,6 @@ def build_dataset(cfg: DataConfig) -> Dataset:
         raise ConfigError(str(err)) from err
 
 
-def class_names(dataset: Dataset, num_classes: int) -> list[str]:
-    """Human-readable class names: the dataset's ``classes`` when it has them, else the ids."""
-    names = getattr(dataset, "classes", None)
-    if names is not None and len(names) == num_classes:
-        return [str(n) for n in names]
-    return [str(i) for i in range(num_classes)]
-
-
 def dataset_num_classes(dataset: Dataset) -> int | None:
     """Classes a dataset declares (``num_classes`` or ``len(classes)``), or None when it does not say."""
     n = getattr(dataset, "num_classes", None)
@@ -88,25 +53,55 @@ def dataset_num_classes(dataset: Dataset) -> int | None:
     return int(n) if n is not None else None
 
 
+def class_names(dataset: Dataset, num_classes: int | None = None) -> list[str]:
+    """Human-readable class names: the dataset's ``classes`` when it has ``num_classes`` of them, else the ids.
+
+    ``num_classes`` defaults to what the dataset declares; ``ConfigError`` when it declares nothing.
+    """
+    num_classes = num_classes or dataset_num_classes(dataset)
+    if num_classes is None:
+        raise ConfigError("the dataset does not say how many classes it has (no `classes` or `num_classes`); set "
+                          "--data.num-classes")
+    names = getattr(dataset, "classes", None)
+    if names is not None and len(names) == num_classes:
+        return [str(n) for n in names]
+    return [str(i) for i in range(num_classes)]
+
+
+def subset_batches(dataset: Dataset, num_images: int, seed: int, batch_size: int, num_workers: int
+                   ) -> Iterator[torch.Tensor]:
+    """Image batches of a seeded random subset of ``num_images`` items (all when there are fewer), in index
+    order, unreadable images left out: what normalization stats are fitted on. The global RNG is untouched."""
+    count = min(num_images, len(dataset))
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    loader = DataLoader(Subset(dataset, pick.tolist()), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_skipping_bad)
+    for images, _, _ in loader:
+        if images is not None:  # None: every image of the batch was unreadable
+            yield images
+
+
 __all__ = [
-    "DATA_KINDS",
     "IMAGE_EXTENSIONS",
     "BadDataError",
     "BadImage",
     "CachedLatents",
     "DigitsDataset",
     "ImageFolder",
+    "ImageSource",
+    "MomentSource",
     "build_dataset",
-    "cache_latents",
     "center_crop_arr",
     "check_bad_fraction",
-    "check_data_config",
     "class_names",
     "collate_skipping_bad",
     "dataset_num_classes",
     "image_to_tensor",
+    "latent_source",
     "load_image",
     "read_manifest",
     "scan_images",
     "select_moments",
+    "subset_batches",
+    "write_cache",
 ]

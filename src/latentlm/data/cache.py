@@ -22,13 +22,11 @@ So the flip and the posterior sample are still drawn at training time, from the 
 as when images are encoded on the fly: with float32 moments, training from the cache takes the same
 steps as training from the images (up to the encoder's own batch-size-dependent rounding).
 
-Processes: shard boundaries are fixed by index, so shard contents do not depend on who writes them.
-Process 0 writes the plan (and the normalization stats, fitted on ``tokenizer.norm_images`` images of a
-seeded random subset); after a barrier every process lists the shards still missing and takes every
-W-th of them, so no two processes ever write the same file. Each shard is written to a temporary name
-and renamed, so a killed run leaves whole shards only (plus temporary files, removed on the next run);
-rerun with the same options, it encodes the missing shards and ends with the same files, byte for byte,
-as an uninterrupted run.
+Processes: the shards follow ``latentlm.shards`` (fixed boundaries by index, every W-th missing shard
+per process, atomic shard files, resume). Process 0 writes the plan (and the normalization stats,
+fitted on ``tokenizer.norm_images`` images of a seeded random subset) before any shard; rerun with the
+same options, a killed run encodes the missing shards and ends with the same files, byte for byte, as
+an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -45,13 +43,16 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from latentlm.checkpoint import atomic_write, write_json
 from latentlm.config import CacheLatentsConfig, ConfigError
 from latentlm.data.images import BadImage, ImageFolder, check_bad_fraction, collate_skipping_bad
+from latentlm.distributed import Distributed
+from latentlm.io import atomic_write, write_json
+from latentlm.shards import ShardDir, ShardPlan, shard_name
 from latentlm.tokenizers import Tokenizer
+from latentlm.tokenizers.normalization import fit_normalization
 
 log = logging.getLogger(__name__)
 
@@ -61,59 +62,6 @@ META_KEY = "latentlm"  # the one safetensors metadata key (several keys are writ
 # Plan entries a rerun must agree with; the others (batch_size, normalization) are taken from the plan on disk.
 IDENTITY = ("format", "tokenizer", "image_size", "latent_shape", "std_shape", "classes", "data", "images_per_shard",
             "num_shards", "dtype", "norm_images", "seed")
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:06d}.safetensors"
-
-
-# ---------------------------------------------------------------------------------------------
-# Normalization stats
-# ---------------------------------------------------------------------------------------------
-
-
-class _RunningStats:
-    """Streaming float64 mean/variance of latent values; the estimator of ``Tokenizer.fit_normalization``."""
-
-    def __init__(self) -> None:
-        self.count, self.total, self.total_sq = 0, 0.0, 0.0
-
-    def add(self, z: torch.Tensor) -> None:
-        z = z.detach().double()
-        self.count += z.numel()
-        self.total += z.sum().item()
-        self.total_sq += (z * z).sum().item()
-
-    def normalization(self) -> dict[str, float]:
-        """``{"scale": 1/std, "bias": -mean}``."""
-        mean = self.total / max(self.count, 1)
-        var = self.total_sq / max(self.count, 1) - mean * mean
-        if self.count < 2 or not var > 0:
-            raise ValueError(f"latent variance {var} over {self.count} values is not positive: the encoder output "
-                             "is constant or there are no readable images")
-        return {"scale": 1.0 / var**0.5, "bias": -mean}
-
-
-@torch.no_grad()
-def fit_cache_normalization(tokenizer: Tokenizer, dataset: Dataset, num_images: int, seed: int, batch_size: int,
-                            num_workers: int, device: torch.device) -> dict[str, Any]:
-    """Normalization stats over ``num_images`` images (all when fewer; a seeded random subset, unreadable ones
-    skipped), both of posterior samples (``"sample"``) and of the posterior mode (``"mode"``), so a training run
-    can pick the one matching its ``sample_posterior``. Private generators: the global RNG is untouched."""
-    count = min(num_images, len(dataset))
-    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
-    loader = DataLoader(Subset(dataset, pick.tolist()), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_skipping_bad)
-    noise = torch.Generator(device).manual_seed(seed)
-    sample, mode, used = _RunningStats(), _RunningStats(), 0
-    for images, _, _ in loader:
-        if images is None:
-            continue
-        mean, std = tokenizer.encode_moments(images.to(device))
-        mode.add(mean)
-        sample.add(tokenizer.sample_posterior(mean, std, noise))
-        used += images.shape[0]
-    return {"sample": sample.normalization(), "mode": mode.normalization(), "images": used}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,15 +78,6 @@ def _data_identity(dataset: Dataset, kind: str) -> dict[str, Any]:
         return {"kind": "folder", "root": str(dataset.root.resolve()), "files": len(dataset),
                 "files_sha256": digest.hexdigest()}
     return {"kind": kind, "items": len(dataset), "dataset": type(dataset).__name__}
-
-
-def _class_names(dataset: Dataset) -> list[str]:
-    from latentlm.data import class_names, dataset_num_classes
-
-    num_classes = dataset_num_classes(dataset)
-    if num_classes is None:
-        raise ConfigError("the dataset does not say how many classes it has (no `classes` or `num_classes`)")
-    return class_names(dataset, num_classes)
 
 
 class _Indexed(Dataset):
@@ -168,14 +107,6 @@ def _identity(plan: dict[str, Any]) -> dict[str, Any]:
     return ident
 
 
-def _check_plan(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
-    old, new = _identity(old), _identity(new)
-    changed = [f"{k}: {json.dumps(old[k])[:200]} -> {json.dumps(new[k])[:200]}" for k in IDENTITY if old[k] != new[k]]
-    if changed:
-        raise ConfigError(f"{out} holds a latent cache made with other settings ({'; '.join(changed)}); use another "
-                          "--out, or delete it to start over")
-
-
 @torch.no_grad()
 def _encode(tokenizer: Tokenizer, images: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Moments of ``images`` (n, 3, S, S) and of their horizontal flips, on CPU in ``dtype``."""
@@ -203,7 +134,7 @@ def _assemble_manifest(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
     shards, unreadable = [], []
     per_class = [0] * len(plan["classes"])
     for s in range(plan["num_shards"]):
-        path = out / SHARDS / shard_name(s)
+        path = out / SHARDS / shard_name(s, ".safetensors")
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = json.loads((f.metadata() or {})[META_KEY])
             labels = f.get_tensor("labels")
@@ -217,115 +148,56 @@ def _assemble_manifest(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
     return {**plan, "shards": shards, "counts": counts, "unreadable": unreadable}
 
 
-def cache_latents(cfg: CacheLatentsConfig, dataset: Dataset | None = None, tokenizer: Tokenizer | None = None
-                  ) -> Path:
-    """``latentlm cache-latents``: encode ``cfg.data`` (or ``dataset``) with ``cfg.tokenizer`` (or ``tokenizer``)
-    into the cache directory ``cfg.out`` (layout in the module docstring); returns the manifest path.
+def _cache_settings(cfg: CacheLatentsConfig, dataset: Dataset, tokenizer: Tokenizer,
+                    latent_shape: tuple[int, ...], std_shape: list[int] | None) -> dict[str, Any]:
+    """The plan of a new cache (its normalization stats are added when it is written)."""
+    from latentlm.data import class_names
 
-    Runs in every process of a ``torchrun`` / ``accelerate launch`` job (or alone). Raises ``ConfigError`` for bad
-    options, for an ``out`` holding a cache of other settings, and (``BadDataError``) when more than
-    ``data.max_bad_fraction`` of the images are unreadable (the shards stay; the manifest is not written).
-    """
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    from latentlm.data import build_dataset, check_data_config
-    from latentlm.tokenizers import build_tokenizer
-
-    # Validate ----------------------------------------------------------------------------------
-    for name in ("images_per_shard", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name}={getattr(cfg, name)}: must be >= 1")
-    if cfg.dtype not in ("float32", "float16"):
-        raise ConfigError(f"dtype={cfg.dtype!r}: choose float32 or float16")
-    if cfg.data.kind == "cached":
-        raise ConfigError("data.kind=cached: cache-latents encodes images (kind folder or digits)")
-    if dataset is None:
-        check_data_config(cfg.data)
-    if tokenizer is None:
-        tokenizer = build_tokenizer(cfg.tokenizer)
-    try:
-        latent_shape = tokenizer.latent_shape(cfg.data.image_size)
-    except ValueError as err:
-        raise ConfigError(f"data.image_size: {err}") from err
-    dtype = getattr(torch, cfg.dtype)
-    use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=use_cpu)
-    rank, world = state.process_index, state.num_processes
-    device = state.device if cfg.device == "auto" else torch.device(cfg.device)
-    out, shard_dir = Path(cfg.out), Path(cfg.out) / SHARDS
-
-    # Setup: dataset, tokenizer, the plan ---------------------------------------------------------
-    if dataset is None:
-        dataset = build_dataset(cfg.data)
-    tokenizer.to(device).eval().requires_grad_(False)
-    probe = _encode(tokenizer, torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size, device=device), dtype)
-    std_shape = list(probe["std"].shape[1:]) if "std" in probe else None
-    plan = {
+    return {
         "format": FORMAT,
         "tokenizer": {"kind": tokenizer.kind, "config": tokenizer.config_dict(), "fingerprint": tokenizer.fingerprint(),
                       "source": cfg.tokenizer.path},
         "image_size": cfg.data.image_size, "latent_shape": list(latent_shape), "std_shape": std_shape,
-        "classes": _class_names(dataset), "data": _data_identity(dataset, cfg.data.kind),
+        "classes": class_names(dataset), "data": _data_identity(dataset, cfg.data.kind),
         "images_per_shard": cfg.images_per_shard, "num_shards": -(-len(dataset) // cfg.images_per_shard),
         "dtype": cfg.dtype, "norm_images": cfg.tokenizer.norm_images, "seed": cfg.seed, "batch_size": cfg.batch_size,
     }
-    message: list[Any] = [None]
-    if rank == 0:
-        try:
-            shard_dir.mkdir(parents=True, exist_ok=True)
-            for stale in [*out.glob(".*.tmp-*"), *shard_dir.glob(".*.tmp-*")]:  # left by a killed run
-                stale.unlink()  # nobody is writing yet: the other processes wait at the barrier below
-            if (out / PLAN).is_file():
-                old = json.loads((out / PLAN).read_text())
-                _check_plan(old, plan, out)
-                if old["batch_size"] != cfg.batch_size:
-                    log.warning("batch_size=%d: the remaining shards use the plan's batch_size %d, so that every "
-                                "shard is encoded alike", cfg.batch_size, old["batch_size"])
-                plan = old
-                log.info("resuming the cache in %s", out)
-            else:
-                if cfg.tokenizer.norm_images > 0:
-                    log.info("normalization stats over %d images", min(cfg.tokenizer.norm_images, len(dataset)))
-                    plan["normalization"] = fit_cache_normalization(tokenizer, dataset, cfg.tokenizer.norm_images,
-                                                                    cfg.seed, cfg.batch_size, cfg.data.num_workers,
-                                                                    device)
-                else:  # the tokenizer's stored stats (e.g. a σ-VAE saved with its own)
-                    stored = tokenizer.normalization()
-                    plan["normalization"] = {"sample": stored, "mode": stored, "images": 0}
-                write_json(out / PLAN, plan)
-        except (ConfigError, ValueError) as err:
-            message[0] = str(err)
-    if world > 1:
-        broadcast_object_list(message)  # every process fails alike, instead of waiting at the barrier
-    if message[0] is not None:
-        raise ConfigError(message[0])
-    state.wait_for_everyone()
-    plan = json.loads((out / PLAN).read_text())
 
-    # Shards: every process takes every W-th of the missing ones -----------------------------------
-    pending = [s for s in range(plan["num_shards"]) if not (shard_dir / shard_name(s)).is_file()]
-    mine = pending[rank::world]
-    size, batch_size = plan["images_per_shard"], plan["batch_size"]
+
+def _with_normalization(plan: dict[str, Any], cfg: CacheLatentsConfig, dataset: Dataset, tokenizer: Tokenizer,
+                        device: torch.device) -> dict[str, Any]:
+    """``plan`` with the normalization stats of posterior samples and of the mode (so a training run can pick
+    the one matching its ``sample_posterior``), or the tokenizer's stored stats when ``norm_images`` is 0."""
+    from latentlm.data import subset_batches
+
+    if cfg.tokenizer.norm_images == 0:  # e.g. a σ-VAE saved with its own
+        stored = tokenizer.normalization()
+        return {**plan, "normalization": {"sample": stored, "mode": stored, "images": 0}}
+    log.info("normalization stats over %d images", min(cfg.tokenizer.norm_images, len(dataset)))
+    images = subset_batches(dataset, cfg.tokenizer.norm_images, cfg.seed, cfg.batch_size, cfg.data.num_workers)
+    return {**plan, "normalization": fit_normalization(tokenizer, images, device, cfg.seed)}
+
+
+def _encode_shards(shards: ShardDir, mine: list[int], plan: dict[str, Any], dataset: Dataset, tokenizer: Tokenizer,
+                   empty: dict[str, tuple], cfg: CacheLatentsConfig, dist: Distributed) -> None:
+    """Encode this process's shards ``mine`` in the plan's fixed batches and write each atomically."""
+    dtype = getattr(torch, plan["dtype"])
     batches, owners = [], []
     for s in mine:
-        lo, hi = s * size, min((s + 1) * size, len(dataset))
-        for start in range(lo, hi, batch_size):
-            batches.append(list(range(start, min(start + batch_size, hi))))
+        lo, hi = shards.plan.bounds(s)
+        for start in range(lo, hi, plan["batch_size"]):
+            batches.append(list(range(start, min(start + plan["batch_size"], hi))))
             owners.append(s)
-    if rank == 0:
-        log.info("%d of %d shards to encode, %d process(es)", len(pending), plan["num_shards"], world)
-    empty = {k: tuple(v.shape[1:]) for k, v in probe.items()} | {"labels": (), "indices": ()}
     loader = DataLoader(_Indexed(dataset), batch_sampler=batches, num_workers=cfg.data.num_workers,
                         collate_fn=_collate_indexed)
     parts: list[dict[str, torch.Tensor]] = []
     unreadable: list[list[Any]] = []
-    bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc=f"cache (process {rank})", dynamic_ncols=True,
-               disable=not (cfg.progress and rank == 0))
+    bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc=f"cache (process {dist.rank})",
+               dynamic_ncols=True, disable=not (cfg.progress and dist.is_main))
     for k, (indices, images, labels, bad) in enumerate(loader):
         shard = owners[k]
         if images is not None:
-            part = _encode(tokenizer, images.to(device), dtype)
+            part = _encode(tokenizer, images.to(dist.device), dtype)
             part["labels"] = labels.to(torch.int64)
             part["indices"] = torch.tensor(indices, dtype=torch.int64)
             parts.append(part)
@@ -334,25 +206,71 @@ def cache_latents(cfg: CacheLatentsConfig, dataset: Dataset | None = None, token
             log.warning("skipped unreadable image %s: %s", b.path, b.reason)
         bar.update(len(batches[k]))
         if k + 1 == len(batches) or owners[k + 1] != shard:  # the shard's last batch
-            meta = {"format": FORMAT, "shard": shard, "first": shard * size,
-                    "end": min((shard + 1) * size, len(dataset)), "unreadable": unreadable}
-            _write_shard(shard_dir / shard_name(shard), parts, meta, empty, dtype)
+            first, end = shards.plan.bounds(shard)
+            meta = {"format": FORMAT, "shard": shard, "first": first, "end": end, "unreadable": unreadable}
+            _write_shard(shards.path(shard), parts, meta, empty, dtype)
             parts, unreadable = [], []
     bar.close()
-    state.wait_for_everyone()
 
-    # Manifest: written last, by process 0 ---------------------------------------------------------
+
+def write_cache(cfg: CacheLatentsConfig, dataset: Dataset | None = None, tokenizer: Tokenizer | None = None
+                ) -> Path:
+    """Encode ``cfg.data`` (or ``dataset``) with ``cfg.tokenizer`` (or ``tokenizer``) into the cache directory
+    ``cfg.out`` (layout in the module docstring); returns the manifest path.
+
+    Runs in every process of a ``torchrun`` / ``accelerate launch`` job (or alone). Raises ``ConfigError`` for bad
+    options, for an ``out`` holding a cache of other settings, and (``BadDataError``) when more than
+    ``data.max_bad_fraction`` of the images are unreadable (the shards stay; the manifest is not written).
+    """
+    from latentlm.data import build_dataset
+    from latentlm.tokenizers import build_tokenizer
+
+    # Validate ----------------------------------------------------------------------------------
+    cfg.validate()
+    if dataset is None:
+        cfg.data.validate()
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg.tokenizer)
+    try:
+        latent_shape = tokenizer.latent_shape(cfg.data.image_size)
+    except ValueError as err:
+        raise ConfigError(f"data.image_size: {err}") from err
+    dist = Distributed.start(cfg.device)
+    out = Path(cfg.out)
+
+    # Setup: dataset, tokenizer, the plan ---------------------------------------------------------
+    if dataset is None:
+        dataset = build_dataset(cfg.data)
+    tokenizer.to(dist.device).eval().requires_grad_(False)
+    probe = _encode(tokenizer, torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size, device=dist.device),
+                    getattr(torch, cfg.dtype))
+    std_shape = list(probe["std"].shape[1:]) if "std" in probe else None
+    settings = _cache_settings(cfg, dataset, tokenizer, latent_shape, std_shape)
+    shards = ShardDir(out / SHARDS, ShardPlan(len(dataset), cfg.images_per_shard), ".safetensors",
+                      plan_file=out / PLAN)
+    plan, pending, mine = shards.open(dist, settings, _identity, "a latent cache",
+                             prepare=lambda p: _with_normalization(p, cfg, dataset, tokenizer, dist.device))
+    if dist.is_main and plan["batch_size"] != cfg.batch_size:
+        log.warning("batch_size=%d: the remaining shards use the plan's batch_size %d, so that every shard is "
+                    "encoded alike", cfg.batch_size, plan["batch_size"])
+    if dist.is_main:
+        log.info("%d of %d shards to encode, %d process(es)", len(pending), plan["num_shards"],
+                 dist.world_size)
+
+    # Shards, then the manifest: written last, by process 0 ------------------------------------------
+    empty = {k: tuple(v.shape[1:]) for k, v in probe.items()} | {"labels": (), "indices": ()}
+    _encode_shards(shards, mine, plan, dataset, tokenizer, empty, cfg, dist)
+    dist.barrier()
     path = out / MANIFEST
-    if rank == 0:
+    if dist.is_main:
         manifest = _assemble_manifest(out, plan)
         examples = [BadImage(i, p, r) for i, p, r in manifest["unreadable"]]
         check_bad_fraction(len(examples), len(dataset), cfg.data.max_bad_fraction, examples, where=f"{out}: ")
         write_json(path, manifest)
         log.info("wrote %s: %d images in %d shards (%d unreadable skipped)", path, manifest["counts"]["images"],
                  plan["num_shards"], len(examples))
-    state.wait_for_everyone()
+    dist.barrier()
     return path
-
 
 # ---------------------------------------------------------------------------------------------
 # Reading a cache
@@ -380,7 +298,6 @@ class CachedLatents(Dataset):
     shards on demand (a few open shards per worker), so a cache of any size fits.
     """
 
-    yields_moments = True
     max_open_shards = 16
 
     def __init__(self, root: str | Path) -> None:
@@ -475,9 +392,8 @@ __all__ = [
     "MANIFEST",
     "PLAN",
     "CachedLatents",
-    "cache_latents",
-    "fit_cache_normalization",
     "iterate_shards",
     "read_manifest",
     "select_moments",
+    "write_cache",
 ]

@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from latentlm.config import ConfigError, ScanImagesConfig
+from latentlm.config import ConfigError
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 # Pillow's own default (about 0.25 GiB of 8-bit RGB). Pillow itself raises above twice this, so a
@@ -219,25 +218,6 @@ def scan_images(dataset: ImageFolder, num_workers: int = 4, batch_size: int = 64
     return sorted(bad, key=lambda b: b.index)
 
 
-def scan_folder(cfg: ScanImagesConfig) -> list[BadImage]:
-    """``latentlm scan-images``: the unreadable images of the ImageFolder ``cfg.data`` describes (also written to
-    ``cfg.out`` as ``path<TAB>reason`` lines when set). Raises ``ConfigError`` for a bad folder or option."""
-    if cfg.data.kind != "folder" or not cfg.data.path:
-        raise ConfigError("scan-images reads an ImageFolder: pass --data.path ROOT")
-    if cfg.batch_size < 1 or cfg.data.image_size < 1 or cfg.data.num_workers < 0:
-        raise ConfigError(f"batch_size={cfg.batch_size}, data.image_size={cfg.data.image_size} must be >= 1 and "
-                          f"data.num_workers={cfg.data.num_workers} >= 0")
-    try:
-        dataset = ImageFolder(cfg.data.path, cfg.data.image_size, cfg.data.max_image_pixels)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(str(err)) from err
-    bad = scan_images(dataset, cfg.data.num_workers, cfg.batch_size, cfg.progress)
-    if cfg.out is not None:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text("".join(f"{b.path}\t{b.reason}\n" for b in bad))
-    return bad
-
-
 def check_bad_fraction(bad: int, total: int, max_fraction: float, examples: Sequence[BadImage] = (),
                        where: str = "") -> None:
     """Raise ``BadDataError`` when ``bad`` of ``total`` images is more than ``max_fraction`` of them."""
@@ -263,7 +243,6 @@ __all__ = [
     "collate_skipping_bad",
     "image_to_tensor",
     "load_image",
-    "scan_folder",
     "scan_images",
     "to_rgb",
 ]

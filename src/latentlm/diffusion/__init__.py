@@ -14,38 +14,17 @@ from torch import Tensor
 from latentlm.config import ProcessConfig, SamplerConfig
 from latentlm.diffusion.common import Denoiser, RandnFn
 from latentlm.diffusion.ddpm import DDPMProcess, ddim_sample, ddpm_sample, inference_timesteps
-from latentlm.diffusion.dpm_solver import DPM_SOLVER_ORDERS, dpm_solver_sample
+from latentlm.diffusion.dpm_solver import dpm_solver_sample
 from latentlm.diffusion.flow import FlowProcess, euler_sample, heun_sample
-from latentlm.diffusion.guidance import cfg_combine, cfg_scale_at
-from latentlm.diffusion.noise import SampleNoise
+from latentlm.diffusion.guidance import guidance_combine, guidance_scale_at
 
 Process = DDPMProcess | FlowProcess
 
-PROCESS_KINDS = ("ddpm", "flow")
-SAMPLERS = {"ddpm": ("dpm_solver", "ddim", "ddpm"), "flow": ("euler", "heun")}
-
 
 def build_process(cfg: ProcessConfig) -> Process:
-    """The process ``cfg.kind`` names ("ddpm" or "flow"), validated."""
-    if cfg.kind == "ddpm":
-        return DDPMProcess(cfg)
-    if cfg.kind == "flow":
-        return FlowProcess(cfg)
-    raise ValueError(f"ProcessConfig.kind={cfg.kind!r}: must be one of {PROCESS_KINDS}")
-
-
-def check_sampler(process: Process, cfg: SamplerConfig) -> None:
-    """Raise ``ValueError`` naming the bad SamplerConfig value and what is allowed for ``process``.
-
-    Cheap; models may call it before running the backbone so a bad config fails fast.
-    """
-    kind = "flow" if isinstance(process, FlowProcess) else "ddpm"
-    if cfg.sampler not in SAMPLERS[kind]:
-        raise ValueError(f"sampler={cfg.sampler!r} does not fit a {kind} process; allowed: {SAMPLERS[kind]}")
-    if cfg.num_steps < 1:
-        raise ValueError(f"num_steps={cfg.num_steps}: must be >= 1")
-    if cfg.solver_order not in DPM_SOLVER_ORDERS:
-        raise ValueError(f"solver_order={cfg.solver_order}: must be one of {DPM_SOLVER_ORDERS}")
+    """The process ``cfg.kind`` names ("ddpm" or "flow"); ``ConfigError`` for an invalid config."""
+    cfg.validate()
+    return DDPMProcess(cfg) if cfg.kind == "ddpm" else FlowProcess(cfg)
 
 
 def sample(
@@ -53,11 +32,12 @@ def sample(
 ) -> Tensor:
     """Run the sampler ``cfg.sampler`` from x_T (N, ...) to x0 (N, ...).
 
-    ``x_T`` is the caller's initial noise, already scaled by ``cfg.temperature`` (this function
-    applies no temperature). ``randn`` (see ``ddpm_sample``) is required by the ``ddpm`` sampler only;
-    the caller scales it for temperature. Guidance lives in ``denoise`` (see ``cfg_combine``).
+    ``cfg`` must have passed ``SamplerConfig.validate`` for this process (``generate`` does that once
+    per call; solvers run once per token and trust it). ``x_T`` is the caller's initial noise, already
+    scaled by ``cfg.temperature`` (this function applies no temperature). ``randn`` (see
+    ``ddpm_sample``) is required by the ``ddpm`` sampler only; the caller scales it for temperature.
+    Guidance lives in ``denoise`` (see ``guidance_combine``).
     """
-    check_sampler(process, cfg)
     if isinstance(process, FlowProcess):
         if cfg.sampler == "euler":
             return euler_sample(process, denoise, x_T, cfg.num_steps)
@@ -76,15 +56,13 @@ __all__ = [
     "Denoiser",
     "FlowProcess",
     "Process",
-    "SampleNoise",
     "build_process",
-    "cfg_combine",
-    "cfg_scale_at",
-    "check_sampler",
     "ddim_sample",
     "ddpm_sample",
     "dpm_solver_sample",
     "euler_sample",
+    "guidance_combine",
+    "guidance_scale_at",
     "heun_sample",
     "inference_timesteps",
     "sample",

@@ -30,7 +30,6 @@ from latentlm.diffusion.common import (
 
 BETA_SCHEDULES = ("linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-DDPM_TIMESTEP_SAMPLING = ("uniform", "min_snr")
 TIMESTEP_SPACINGS = ("linspace", "leading")
 
 
@@ -97,6 +96,7 @@ def inference_timesteps(num_train_timesteps: int, num_steps: int, spacing: str =
 
 class DDPMProcess:
     """Discrete VP diffusion with T = ``cfg.num_train_timesteps`` steps; stateless after construction.
+    Built by ``build_process`` from a validated ``ProcessConfig``.
 
     Attributes:
         num_train_timesteps: T.
@@ -112,18 +112,6 @@ class DDPMProcess:
     """
 
     def __init__(self, cfg: ProcessConfig) -> None:
-        if cfg.kind != "ddpm":
-            raise ValueError(f"ProcessConfig.kind={cfg.kind!r}: DDPMProcess needs 'ddpm'; use build_process")
-        if cfg.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type={cfg.prediction_type!r}: must be one of {PREDICTION_TYPES}")
-        if cfg.timestep_sampling not in DDPM_TIMESTEP_SAMPLING:
-            raise ValueError(
-                f"timestep_sampling={cfg.timestep_sampling!r}: ddpm process allows {DDPM_TIMESTEP_SAMPLING}"
-            )
-        if cfg.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps={cfg.num_train_timesteps}: must be >= 2")
-        if cfg.min_snr_gamma <= 0:
-            raise ValueError(f"min_snr_gamma={cfg.min_snr_gamma}: must be > 0")
         self.num_train_timesteps = cfg.num_train_timesteps
         self.prediction_type = cfg.prediction_type
         self.timestep_sampling = cfg.timestep_sampling

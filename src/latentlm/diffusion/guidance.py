@@ -7,7 +7,7 @@ from torch import Tensor
 CFG_SCHEDULES = ("constant", "linear")
 
 
-def cfg_combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+def guidance_combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     """uncond + scale·(cond - uncond) on **all** channels (N, ...) -> (N, ...).
 
     Applies to whatever the network predicts (ε, v or flow velocity): all are affine in the
@@ -17,7 +17,7 @@ def cfg_combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     return cond + (scale - 1) * (cond - uncond)
 
 
-def cfg_scale_at(index: int, length: int, scale: float, schedule: str) -> float:
+def guidance_scale_at(index: int, length: int, scale: float, schedule: str) -> float:
     """Guidance scale for token ``index`` (0-based) of ``length`` tokens.
 
     ``constant``: ``scale``. ``linear``: 1 + (scale - 1)·(index + 1)/length — MAR's schedule, weak

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from latentlm.config import ModelConfig, SamplerConfig
-from latentlm.diffusion import build_process, cfg_combine, check_sampler, sample
+from latentlm.diffusion import sample
+from latentlm.models.base import LatentModel
+from latentlm.models.generation import guided_denoiser, start_generation
 from latentlm.models.layers import (
     Attention,
     FinalLayer,
@@ -19,13 +21,14 @@ from latentlm.models.layers import (
     RMSNorm,
     SwiGLU,
     TimestepEmbedder,
-    check_labels,
-    check_latents,
+    initialize_adaln_zero,
     patchify,
-    sample_noise_for,
     sincos_2d,
     unpatchify,
 )
+
+# Names of earlier latentlm versions, mapped on load so their DiT checkpoints keep loading.
+_RENAMED = {"x_embed.": "token_embed.", "t_embed.": "time_embed.", "y_embed.": "label_embed."}
 
 
 class DiTBlock(nn.Module):
@@ -47,55 +50,38 @@ class DiTBlock(nn.Module):
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
 
-class DiT(nn.Module):
+class DiT(LatentModel):
     """Class-conditional DiT with RMSNorm and SwiGLU. ``model(latents, labels)`` returns the loss."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        cfg.validate()
-        if cfg.family != "dit":
-            raise ValueError(f"DiT needs family='dit', got {cfg.family!r}")
-        self.config = cfg
+        super().__init__(cfg, "dit")
         D = cfg.hidden_size
-        self.x_embed = nn.Linear(cfg.token_dim, D)  # patch embedder (with bias), same as a p x p conv
-        self.t_embed = TimestepEmbedder(D)
-        self.y_embed = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
+        self.token_embed = nn.Linear(cfg.token_dim, D)  # patch embedder (with bias), same as a p x p conv
+        self.time_embed = TimestepEmbedder(D)
+        self.label_embed = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(D, cfg.token_dim)
-        with torch.device("cpu"):  # schedules are float64 CPU data, even when the model is built on meta
-            self.process = build_process(cfg.process)
         self._pos: dict[torch.device, torch.Tensor] = {}
         self.initialize_weights()
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     def initialize_weights(self) -> None:
-        # Linear weights keep PyTorch's default init; every bias starts at zero.
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        # Label table and timestep MLP: N(0, 0.02).
-        nn.init.normal_(self.y_embed.table.weight, std=0.02)
-        for layer in self.t_embed.mlp:
-            if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity and the output is exactly zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN[-1].weight)
-        nn.init.zeros_(self.final.adaLN[-1].weight)
-        nn.init.zeros_(self.final.linear.weight)
+        zeroed = [block.adaLN[-1] for block in self.blocks] + [self.final.adaLN[-1], self.final.linear]
+        initialize_adaln_zero(self, self.label_embed.table, self.time_embed.mlp, zeroed)
 
     def _pos_embed(self, device: torch.device) -> torch.Tensor:
         """Fixed 2-D sin-cos table (L, D) in float64, per device (never a buffer, so never rounded)."""
         if device not in self._pos:
             grid = self.config.input_size // self.config.patch_size
-            self._pos[device] = sincos_2d(self.config.hidden_size, grid).to(device)
+            self._pos[device] = sincos_2d(grid, self.config.hidden_size).to(device)
         return self._pos[device]
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """x_t (N, C, H, W), t (N,) in model time units, labels (N,) -> output (N, C, H, W) on all channels."""
         cfg = self.config
-        x = self.x_embed(patchify(x_t, cfg.patch_size).to(self.x_embed.weight.dtype))  # (N, L, D), L = (H/p)^2
+        x = self.token_embed(patchify(x_t, cfg.patch_size).to(self.token_embed.weight.dtype))  # (N, L, D), L = (H/p)^2
         x = x + self._pos_embed(x.device).to(x.dtype)
-        c = self.t_embed(t) + self.y_embed(labels)  # (N, D)
+        c = self.time_embed(t) + self.label_embed(labels)  # (N, D)
         for block in self.blocks:
             x = block(x, c)
         out = self.final(x, c).to(x_t.dtype)  # (N, L, C p^2), in the solver's dtype
@@ -103,47 +89,26 @@ class DiT(nn.Module):
 
     def loss(self, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean diffusion loss with one timestep per image. latents (N, C, H, W) normalized."""
-        check_latents(latents, self.config)
-        check_labels(labels, self.config.num_classes)
-        if self.training:
-            labels = self.y_embed.drop(labels)  # label dropout trains the null class for CFG
+        labels = self.training_labels(latents, labels)
         return self.process.loss(lambda x_t, t: self.denoise(x_t, t, labels), latents).mean()
 
-    def forward(self, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The training loss (so DDP/FSDP wrappers see a forward call)."""
-        return self.loss(latents, labels)
-
     @torch.no_grad()
-    def generate(
-        self,
-        labels: torch.Tensor,
-        sampler: SamplerConfig | None = None,
-        seed: int = 0,
-        sample_indices: Sequence[int] | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """Sample normalized latents (N, C, H, W); noise of sample k is seeded by (seed, index k)."""
-        sampler = sampler or SamplerConfig()
+    def generate(self, labels: torch.Tensor, sampler: SamplerConfig | None = None, seed: int = 0,
+                 sample_indices: Sequence[int] | None = None, progress: bool = False) -> torch.Tensor:
+        """Sample normalized latents (N, C, H, W); noise of sample k is seeded by (seed, index k).
+        (``progress`` is accepted for the shared contract: a DiT solve has no per-token steps to show.)"""
+        setup = start_generation(self, labels, sampler, seed, sample_indices)
         cfg = self.config
-        check_labels(labels, cfg.num_classes)
-        check_sampler(self.process, sampler)
-        if sampler.cfg_schedule != "constant":
-            raise ValueError(f"cfg_schedule={sampler.cfg_schedule!r} follows LatentLM's token order; "
-                             "DiT allows only 'constant'")
-        device = labels.device
-        work = torch.promote_types(next(self.parameters()).dtype, torch.float32)  # solver state >= fp32
-        noise = sample_noise_for(labels, seed, sample_indices)
-        guided = sampler.cfg_scale != 1.0
-        both = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])  # [labels; null labels]
+        denoise = guided_denoiser(lambda x_t, t: self.denoise(x_t, t, setup.stream), setup.sampler.cfg_scale,
+                                  setup.guided)  # guidance on every channel
+        x_T = setup.randn((cfg.in_channels, cfg.input_size, cfg.input_size))  # (N, C, H, W)
+        return sample(self.process, denoise, x_T, setup.sampler, randn=setup.randn)
 
-        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not guided:
-                return self.denoise(x_t, t, labels)
-            out = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), both)  # (2N, C, H, W)
-            return cfg_combine(*out.chunk(2), sampler.cfg_scale)  # guidance on every channel
 
-        def randn(shape: tuple[int, ...]) -> torch.Tensor:
-            return sampler.temperature * noise.randn(shape, device=device, dtype=work)
-
-        shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-        return sample(self.process, denoise, randn(shape), sampler, randn=randn)
+def _rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """``load_state_dict`` pre-hook: weights saved under the old embedder names load under the new ones."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for old, new in _RENAMED.items():
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)

@@ -14,20 +14,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latentlm.config import ModelConfig, SamplerConfig
-from latentlm.diffusion import build_process, cfg_combine, cfg_scale_at, check_sampler, sample
+from latentlm.diffusion import guidance_scale_at, sample
+from latentlm.models.base import LatentModel
+from latentlm.models.generation import StaticGraph, guided_denoiser, start_generation
 from latentlm.models.head import DiffusionHead
 from latentlm.models.layers import (
     Attention,
     KVCache,
     LabelEmbedder,
     RMSNorm,
-    StaticGraph,
     SwiGLU,
-    check_labels,
-    check_latents,
+    initialize_adaln_zero,
     patchify,
     rope_tables,
-    sample_noise_for,
     unpatchify,
 )
 
@@ -53,15 +52,11 @@ class CausalBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class LatentLM(nn.Module):
+class LatentLM(LatentModel):
     """Causal Transformer + diffusion head. ``model(latents, labels)`` returns the training loss."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        cfg.validate()
-        if cfg.family != "latentlm":
-            raise ValueError(f"LatentLM needs family='latentlm', got {cfg.family!r}")
-        self.config = cfg
+        super().__init__(cfg, "latentlm")
         D = cfg.hidden_size
         self.token_embed = nn.Linear(cfg.token_dim, D)  # clean-token embedder (with bias)
         self.label_embed = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
@@ -69,26 +64,13 @@ class LatentLM(nn.Module):
         self.norm = RMSNorm()
         self.cond_proj = nn.Linear(D, D, bias=False)  # condition layer: RMSNorm -> Linear
         self.head = DiffusionHead(cfg.token_dim, D, cfg.ffn_dim, cfg.head_depth)
-        with torch.device("cpu"):  # schedules are float64 CPU data, even when the model is built on meta
-            self.process = build_process(cfg.process)
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        # Linear weights keep PyTorch's default init; every bias starts at zero.
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        # Label table and timestep MLP: N(0, 0.02), as in DiT.
-        nn.init.normal_(self.label_embed.table.weight, std=0.02)
-        for layer in self.head.time_embed.mlp:
-            if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, std=0.02)
-        # adaLN-Zero: each head block starts as the identity and the head's output is exactly zero.
-        for block in self.head.blocks:
-            nn.init.zeros_(block.adaLN[-1].weight)
-        nn.init.zeros_(self.head.final.adaLN[-1].weight)
-        nn.init.zeros_(self.head.final.linear.weight)
+        head = self.head
+        zeroed = [block.adaLN[-1] for block in head.blocks] + [head.final.adaLN[-1], head.final.linear]
+        initialize_adaln_zero(self, self.label_embed.table, head.time_embed.mlp, zeroed)
 
     # -- shapes ---------------------------------------------------------------------------------
     def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,10 +130,7 @@ class LatentLM(nn.Module):
         The backbone runs once; each condition is repeated ``batch_mul`` times with its own timestep
         and noise, which amortises the backbone over several cheap head evaluations.
         """
-        check_latents(latents, self.config)
-        check_labels(labels, self.config.num_classes)
-        if self.training:
-            labels = self.label_embed.drop(labels)  # label dropout trains the null class for CFG
+        labels = self.training_labels(latents, labels)
         tokens = patchify(latents, self.config.patch_size)  # (N, L, C p^2)
         cond = self.forward_parallel(tokens, labels)  # (N, L, D)
         m = self.config.batch_mul
@@ -159,95 +138,49 @@ class LatentLM(nn.Module):
         c = cond.reshape(-1, cond.shape[-1]).repeat(m, 1)  # (m N L, D)
         return self.process.loss(lambda x_t, t: self.head(x_t, t, c), x0).mean()
 
-    def forward(self, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The training loss (so DDP/FSDP wrappers see a forward call)."""
-        return self.loss(latents, labels)
-
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(
-        self,
-        labels: torch.Tensor,
-        sampler: SamplerConfig | None = None,
-        seed: int = 0,
-        sample_indices: Sequence[int] | None = None,
-        progress: bool = False,
-        use_cache: bool = True,
-        static: bool | None = None,
-    ) -> torch.Tensor:
-        """Sample normalized latents (N, C, H, W) for class ``labels`` (N,).
+    def generate(self, labels: torch.Tensor, sampler: SamplerConfig | None = None, seed: int = 0,
+                 sample_indices: Sequence[int] | None = None, progress: bool = False,
+                 static: bool | None = None) -> torch.Tensor:
+        """Sample normalized latents (N, C, H, W) for class ``labels`` (N,), left to right with the KV cache.
 
         The noise of sample k comes from a generator seeded by (seed, sample_indices[k]) (default
-        indices 0..N-1), so a sample does not depend on the batch it is generated in.
-
-        ``use_cache=False`` re-runs the backbone over the whole prefix for every token instead of
-        one KV-cached step (quadratic; for verification and benchmarks). ``static`` runs every token
-        with fixed shapes (masked attention over the whole cache) so that, on CUDA, the backbone step
-        and the head's solver run are each captured once as CUDA graphs and replayed per token.
-        Default: on for CUDA with a cache and a deterministic sampler, off otherwise.
+        indices 0..N-1), so a sample does not depend on the batch it is generated in. ``static`` runs
+        every token with fixed shapes (masked attention over the whole cache) so that, on CUDA, the
+        backbone step and the head's solver run are each captured once as CUDA graphs and replayed per
+        token. Default: on for CUDA with a deterministic sampler, off otherwise.
         """
-        sampler = sampler or SamplerConfig()
-        cfg = self.config
-        check_labels(labels, cfg.num_classes)
-        check_sampler(self.process, sampler)
+        setup = start_generation(self, labels, sampler, seed, sample_indices)
+        sampler, cfg = setup.sampler, self.config
         N, L, device = labels.shape[0], cfg.seq_len, labels.device
-        dtype = next(self.parameters()).dtype
-        work = torch.promote_types(dtype, torch.float32)  # solver state stays >= fp32 under bf16 weights
-        noise = sample_noise_for(labels, seed, sample_indices)
         if static is None:
-            static = device.type == "cuda" and use_cache and sampler.sampler != "ddpm"
-        if static and (not use_cache or sampler.sampler == "ddpm"):
-            raise ValueError("static=True needs use_cache=True and a deterministic sampler (not 'ddpm', "
-                             "which draws noise inside the solver loop)")
+            static = device.type == "cuda" and sampler.sampler != "ddpm"
+        if static and sampler.sampler == "ddpm":
+            raise ValueError("static=True needs a deterministic sampler (not 'ddpm', which draws noise inside the "
+                             "solver loop)")
         capture = static and device.type == "cuda"
-        # Guidance runs unless it is a no-op everywhere (constant scale 1).
-        guided = sampler.cfg_scale != 1.0 or sampler.cfg_schedule != "constant"
-        # With guidance the batch is [labels; null labels]: both halves share every chosen token.
-        stream = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if guided else labels
-        B = stream.shape[0]
-        caches = self.new_cache(B, device, dtype) if use_cache else []
-
-        def randn(shape: tuple[int, ...]) -> torch.Tensor:
-            return sampler.temperature * noise.randn(shape, device=device, dtype=work)
+        caches = self.new_cache(setup.stream.shape[0], device, next(self.parameters()).dtype)
 
         def solve(x_T: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
             """One full solver run of the head: x_T (N, C p^2), cond (B, D) -> token (N, C p^2)."""
+            denoise = guided_denoiser(lambda x_t, t: self.head(x_t, t, cond), scale, setup.guided)
+            return sample(self.process, denoise, x_T, sampler, randn=setup.randn)
 
-            def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                if not guided:
-                    return self.head(x_t, t, cond)
-                out = self.head(torch.cat([x_t, x_t]), torch.cat([t, t]), cond)  # (2N, C p^2)
-                return cfg_combine(*out.chunk(2), scale)
-
-            return sample(self.process, denoise, x_T, sampler, randn=randn)
-
-        if use_cache:
-            cond = self.forward_recurrent(stream, 0, caches)  # (B, D)
-        else:  # a one-position prefix: the label alone (the placeholder token is never read)
-            placeholder = torch.zeros(B, 1, cfg.token_dim, device=device, dtype=dtype)
-            cond = self.forward_parallel(placeholder, stream)[:, 0]  # (B, D)
-        step = solve_token = None
-        if static:
-            token0 = torch.zeros(B, cfg.token_dim, device=device, dtype=work)
+        cond = self.forward_recurrent(setup.stream, 0, caches)  # (B, D)
+        step, solve_token = (lambda tok, pos: self.forward_recurrent(tok, pos, caches)), solve
+        if static:  # the same functions on fixed buffers: position as a (1,) tensor, scale as a 0-d tensor
+            token0 = torch.zeros(setup.stream.shape[0], cfg.token_dim, device=device, dtype=setup.work)
             pos0 = torch.ones(1, dtype=torch.long, device=device)
-            step = StaticGraph(lambda tok, pos: self.forward_recurrent(tok, pos, caches), token0, pos0,
-                               capture=capture and L > 1)
-            scale0 = torch.ones((), device=device, dtype=work)
+            step = StaticGraph(step, token0, pos0, capture=capture and L > 1)
+            scale0 = torch.ones((), device=device, dtype=setup.work)
             solve_token = StaticGraph(solve, token0[:N], cond, scale0, capture=capture)
         tokens = []
         for i in tqdm(range(L), desc="tokens", disable=not progress, leave=False):
-            scale = cfg_scale_at(i, L, sampler.cfg_scale, sampler.cfg_schedule)
-            x_T = randn((cfg.token_dim,))  # (N, C p^2)
-            token = solve_token(x_T, cond, scale) if static else solve(x_T, cond, scale)
-            tokens.append(torch.cat([token, token]) if guided else token)  # (B, C p^2)
-            if i + 1 == L:
-                break
-            if static:
+            scale = guidance_scale_at(i, L, sampler.cfg_scale, sampler.cfg_schedule)
+            token = solve_token(setup.randn((cfg.token_dim,)), cond, scale)  # (N, C p^2)
+            tokens.append(torch.cat([token, token]) if setup.guided else token)  # (B, C p^2): both halves
+            if i + 1 < L:
                 cond = step(tokens[-1], i + 1)
-            elif use_cache:
-                cond = self.forward_recurrent(tokens[-1], i + 1, caches)
-            else:  # the prefix plus a placeholder for token i+1, which forward_parallel never reads
-                prefix = torch.stack(tokens + [tokens[-1]], dim=1)  # (B, i+2, C p^2)
-                cond = self.forward_parallel(prefix, stream)[:, -1]
         seq = torch.stack(tokens, dim=1)[:N]  # (N, L, C p^2)
         return unpatchify(seq, cfg.in_channels, cfg.input_size, cfg.patch_size)  # (N, C, H, W)

@@ -1,5 +1,6 @@
-"""Building blocks shared by LatentLM and DiT: norms, SwiGLU, rotary, attention with KV cache,
-timestep/label embedders, adaLN modulation and the zero-initialised final layer.
+"""Layers shared by LatentLM and DiT: norms, SwiGLU, rotary and 2-D sin-cos positions, attention with a
+KV cache, timestep/label embedders, adaLN modulation, the zero-initialised final layer, patchify, and
+the weight initialisation both models share.
 
 Importing this module never touches CUDA: the flash-attn probe runs lazily, on the first
 attention call that could use it.
@@ -14,8 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from latentlm.diffusion import SampleNoise
 
 # ---------------------------------------------------------------------------------------------
 # Norms and MLPs
@@ -104,37 +103,6 @@ class LabelEmbedder(nn.Module):
         return self.table(labels)  # (N, D)
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, allow_null: bool = True) -> None:
-    """Refuse labels outside [0, num_classes] (num_classes itself is the null class)."""
-    if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)} {labels.dtype}")
-    if labels.numel() == 0:
-        raise ValueError("labels is empty: give at least one class id")
-    high = num_classes if allow_null else num_classes - 1
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi > high:
-        raise ValueError(f"label {lo if lo < 0 else hi} out of range: allowed 0..{num_classes - 1}"
-                         + (f" (and {num_classes} = null class)" if allow_null else ""))
-
-
-def sample_noise_for(labels: torch.Tensor, seed: int, sample_indices) -> SampleNoise:
-    """Per-sample noise streams for ``generate``: sample k is seeded by (seed, sample_indices[k]),
-    default indices 0..N-1, so a sample never depends on the batch it is generated in."""
-    N = labels.shape[0]
-    noise = SampleNoise(seed, range(N) if sample_indices is None else sample_indices)
-    if len(noise) != N:
-        raise ValueError(f"sample_indices has {len(noise)} entries for {N} labels")
-    return noise
-
-
-def check_latents(latents: torch.Tensor, cfg) -> None:
-    """Refuse latents whose shape is not (N, in_channels, input_size, input_size) of ``cfg``."""
-    expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    if latents.dim() != 4 or tuple(latents.shape[1:]) != expected:
-        raise ValueError(f"latents of shape {tuple(latents.shape)} do not match the model: expected "
-                         f"(N, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}) (in_channels, input_size)")
-
-
 # ---------------------------------------------------------------------------------------------
 # Positions
 # ---------------------------------------------------------------------------------------------
@@ -157,15 +125,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos.to(dtype) + rotated * sin.to(dtype)).to(x.dtype)
 
 
-def sincos_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (grid*grid, dim), raster order, float64 (as in MAE/DiT)."""
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table (grid*grid, dim) in raster order, float64.
+
+    Dims [0, dim/2) encode the row as [sin(h·ω), cos(h·ω)] and dims [dim/2, dim) the column the same way,
+    ω_k = 10000^(-k/(dim/4)). (MAE's and DiT's table puts the column first: the halves are swapped.)
+    """
     if dim % 4:
         raise ValueError(f"hidden_size={dim} must be divisible by 4 for the 2-D sin-cos embedding")
     coords = torch.arange(grid, dtype=torch.float64)
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")  # (grid, grid) each
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (D/4,)
 
     def one_axis(pos: torch.Tensor) -> torch.Tensor:
-        omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (D/4,)
         out = pos.reshape(-1)[:, None] * omega[None]  # (G*G, D/4)
         return torch.cat([out.sin(), out.cos()], dim=1)  # (G*G, D/2)
 
@@ -281,43 +253,6 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, 1, -1))
 
 
-class StaticGraph:
-    """Runs ``fn`` on fixed input buffers; on CUDA (``capture=True``) as one replayed CUDA graph.
-
-    Per-token generation is hundreds of small kernels per step; replaying them as a graph removes
-    the launch overhead that otherwise dominates on a GPU. Inputs are copied into the buffers (tensors)
-    or filled in (Python numbers); the output buffer is cloned so callers may keep it.
-    With ``capture=False`` the same fixed-shape code runs eagerly (CPU, tests).
-    """
-
-    def __init__(self, fn, *examples: torch.Tensor, capture: bool) -> None:
-        self.fn = fn
-        self.inputs = [e.clone() for e in examples]
-        self.graph = None
-        if capture:
-            # Warm up on a side stream first (lazy inits, autotuning), as CUDA graph capture requires.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    fn(*self.inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.output = fn(*self.inputs)
-
-    def __call__(self, *args) -> torch.Tensor:
-        for buffer, value in zip(self.inputs, args, strict=True):
-            if isinstance(value, torch.Tensor):
-                buffer.copy_(value)
-            else:
-                buffer.fill_(value)
-        if self.graph is None:
-            return self.fn(*self.inputs)
-        self.graph.replay()
-        return self.output.clone()
-
-
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
@@ -352,3 +287,27 @@ def unpatchify(tokens: torch.Tensor, channels: int, side: int, p: int) -> torch.
     x = tokens.reshape(N, g, g, channels, p, p)
     x = x.permute(0, 3, 1, 4, 2, 5)  # (N, C, H/p, p, W/p, p)
     return x.reshape(N, channels, side, side)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation
+# ---------------------------------------------------------------------------------------------
+
+
+def initialize_adaln_zero(model: nn.Module, label_table: nn.Embedding, time_mlp: nn.Sequential,
+                          zeroed: list[nn.Linear]) -> None:
+    """The initialisation LatentLM and DiT share (DiT's recipe).
+
+    Linear weights keep PyTorch's default init and every bias starts at zero; the label table and the
+    timestep MLP are N(0, 0.02); the ``zeroed`` layers (adaLN modulations and the output projection) start
+    at zero, so every adaLN-Zero block starts as the identity and the model's output is exactly zero.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    nn.init.normal_(label_table.weight, std=0.02)
+    for layer in time_mlp:
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, std=0.02)
+    for layer in zeroed:
+        nn.init.zeros_(layer.weight)

@@ -1,7 +1,7 @@
 """Tokenizers: images in [-1, 1] <-> normalized latents.
 
 ``build_tokenizer(TokenizerConfig)`` makes the tokenizer a run asks for; ``load_tokenizer(path)``
-loads any tokenizer file by its content (KL-16 or σ-VAE); ``tokenizer_record`` /
+loads any tokenizer file by its content (KL-16, our σ-VAE or the reference code's); ``tokenizer_record`` /
 ``tokenizer_from_record`` are what a checkpoint stores about it (kind, constructor arguments,
 source file, weight fingerprint and the normalization stats) and how sampling rebuilds it.
 """
@@ -19,15 +19,21 @@ from safetensors.torch import load_file
 
 from latentlm.config import ConfigError, TokenizerConfig
 from latentlm.tokenizers.base import Tokenizer
-from latentlm.tokenizers.identity import PatchTokenizer
+from latentlm.tokenizers.identity import IdentityTokenizer
 from latentlm.tokenizers.kl16 import KL16, KL16Config, is_ldm_vae_state_dict, kl16_from_ldm_state_dict
-from latentlm.tokenizers.sigma_vae import CHECKPOINT_NAME, SigmaVAE, load_sigma_vae
+from latentlm.tokenizers.reference_sigma_vae import CONFIG_KEYS as REFERENCE_CONFIG_KEYS
+from latentlm.tokenizers.reference_sigma_vae import (
+    ReferenceSigmaVAE,
+    is_reference_sigma_vae_config,
+    load_reference_sigma_vae,
+)
+from latentlm.tokenizers.sigma_vae import CHECKPOINT_NAME, SigmaVAE, is_sigma_vae_config, load_sigma_vae
 
-TOKENIZER_KINDS = ("identity", "sigma_vae", "kl16")
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")  # read with torch.load(weights_only=True)
 ACCEPTED_LAYOUTS = (
     "a σ-VAE checkpoint (a .safetensors file with 'config' metadata, its directory, or a torch file "
-    "{'config': ..., 'model': state_dict}), or an LDM/MAR KL-VAE state dict (keys like "
+    "{'config': ..., 'model': state_dict}), a reference-code σ-VAE torch file {'config': {'latent_size', 'std', "
+    "...}, 'model': state_dict}, or an LDM/MAR KL-VAE state dict (keys like "
     "'encoder.down.0.block.0.conv1.weight', 'quant_conv.weight') in a .safetensors file or a torch file, "
     "under 'model' (MAR's kl16.ckpt), 'state_dict' (LDM) or at the top level"
 )
@@ -46,6 +52,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     * σ-VAE: a ``.safetensors`` file with ``config`` metadata (or a directory holding
       ``tokenizer.safetensors``), or a torch file ``{"config": {...}, "model": state_dict}``;
       its stored normalization comes with it.
+    * Reference σ-VAE (the original LatentLM code's): a torch file ``{"config": {...}, "model": ...}``
+      whose config has the reference's keys (``latent_size``, ``std``, ...); identity normalization.
     * KL-16 (any LDM-layout KL-VAE, architecture read from the weights): an LDM state dict in a
       ``.safetensors`` file, or in a torch file under ``"model"`` (MAR), ``"state_dict"`` (LDM) or at
       the top level; identity normalization until fitted.
@@ -81,7 +89,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
                 "If you trust the file, extract its state dict elsewhere, e.g. torch.save({'model': "
                 "torch.load(p, weights_only=False)['model']}, 'clean.ckpt')") from err
         if isinstance(blob, dict) and "config" in blob and "model" in blob:
-            tokenizer = load_sigma_vae(path)
+            tokenizer = _config_and_model(blob, path)
         else:
             state = next((blob[k] for k in ("model", "state_dict") if isinstance(blob, dict) and k in blob), blob)
             if not is_ldm_vae_state_dict(state):
@@ -94,6 +102,20 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return tokenizer.eval().requires_grad_(False)
 
 
+def _config_and_model(blob: dict[str, Any], path: Path) -> Tokenizer:
+    """A torch file ``{"config": ..., "model": ...}``: our σ-VAE or the reference code's, told by the config."""
+    config, state = blob["config"], blob["model"]
+    if is_reference_sigma_vae_config(config):
+        return load_reference_sigma_vae(path, blob)
+    if is_sigma_vae_config(config):
+        return load_sigma_vae(path)
+    keys = sorted(str(k) for k in config) if isinstance(config, dict) else f"(a {type(config).__name__})"
+    weights = f"{len(state)} weight tensors" if isinstance(state, dict) else f"a {type(state).__name__}"
+    raise ValueError(f"{path}: a dict with config keys {keys} and {weights}: not a σ-VAE of latentlm or of the "
+                     f"reference code (expected a config with 'kind': 'sigma_vae', or the reference's keys "
+                     f"{', '.join(REFERENCE_CONFIG_KEYS)})")
+
+
 def _kl16(state: dict[str, torch.Tensor], path: Path) -> KL16:
     try:
         return kl16_from_ldm_state_dict(state)
@@ -104,35 +126,22 @@ def _kl16(state: dict[str, torch.Tensor], path: Path) -> KL16:
 def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """The tokenizer ``cfg`` names, on CPU, in eval mode, with frozen weights.
 
-    Raises ``ConfigError`` (a bad option: unknown kind, missing file) before loading anything big.
+    Raises ``ConfigError`` for a bad option (unknown kind, missing file) or a file that is not of that kind.
     """
+    cfg.validate()
     if cfg.kind == "identity":
-        if cfg.patch < 1:
-            raise ConfigError(f"tokenizer.patch={cfg.patch}: must be >= 1")
-        tokenizer: Tokenizer = PatchTokenizer(cfg.patch)
-    elif cfg.kind == "sigma_vae":
-        if not cfg.path:
-            raise ConfigError("tokenizer.kind=sigma_vae needs --tokenizer.path "
-                              "(a file written by `latentlm train-tokenizer`)")
-        if not Path(cfg.path).exists():
-            raise ConfigError(f"tokenizer.path={cfg.path}: no such file or directory")
-        tokenizer = load_sigma_vae(cfg.path)
-    elif cfg.kind == "kl16":
-        if not cfg.path:
-            raise ConfigError("tokenizer.kind=kl16 needs --tokenizer.path (MAR's kl16.ckpt, or its weights as "
-                              ".safetensors)")
-        if not Path(cfg.path).exists():
-            raise ConfigError(f"tokenizer.path={cfg.path}: no such file")
-        try:
-            tokenizer = load_tokenizer(cfg.path)
-        except ValueError as err:
-            raise ConfigError(f"tokenizer.path: {err}") from err
-        if tokenizer.kind != "kl16":
-            raise ConfigError(f"tokenizer.path={cfg.path} is a {tokenizer.kind} checkpoint, not KL-16; pass "
-                              f"--tokenizer.kind {tokenizer.kind}")
-    else:
-        raise ConfigError(f"tokenizer.kind={cfg.kind!r}: choose one of {', '.join(TOKENIZER_KINDS)}")
-    return tokenizer.eval().requires_grad_(False)
+        return IdentityTokenizer(cfg.patch).eval()
+    if cfg.kind == "sigma_vae":
+        return load_sigma_vae(cfg.path).eval().requires_grad_(False)
+    try:
+        tokenizer = load_tokenizer(cfg.path)
+    except ValueError as err:
+        raise ConfigError(f"tokenizer.path: {err}") from err
+    if tokenizer.kind != cfg.kind:
+        wanted = {"kl16": "KL-16", "reference_sigma_vae": "the reference code's σ-VAE"}[cfg.kind]
+        raise ConfigError(f"tokenizer.path={cfg.path} is a {tokenizer.kind} checkpoint, not {wanted}; pass "
+                          f"--tokenizer.kind {tokenizer.kind}")
+    return tokenizer
 
 
 def tokenizer_record(tokenizer: Tokenizer, source: str | None) -> dict[str, Any]:
@@ -156,7 +165,7 @@ def tokenizer_from_record(record: dict[str, Any], path: str | None = None) -> To
     must have the recorded fingerprint, else ``ValueError`` says which file differs.
     """
     if record["kind"] == "identity":
-        tokenizer: Tokenizer = PatchTokenizer(**record["config"]).eval()
+        tokenizer: Tokenizer = IdentityTokenizer(**record["config"]).eval()
     else:
         source = path or record.get("source")
         tokenizer = build_tokenizer(TokenizerConfig(kind=record["kind"], path=source))
@@ -172,10 +181,12 @@ def tokenizer_from_record(record: dict[str, Any], path: str | None = None) -> To
 __all__ = [
     "KL16",
     "KL16Config",
-    "PatchTokenizer",
+    "IdentityTokenizer",
+    "ReferenceSigmaVAE",
     "SigmaVAE",
     "Tokenizer",
     "build_tokenizer",
+    "load_reference_sigma_vae",
     "load_sigma_vae",
     "load_tokenizer",
     "tokenizer_from_record",

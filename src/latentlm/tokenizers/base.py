@@ -1,7 +1,8 @@
 """The tokenizer interface: images in [-1, 1] <-> normalized latents.
 
 A tokenizer is the only object that knows the latent normalization ``(z + bias) * scale`` with
-``scale = 1 / std(z)`` and ``bias = -mean(z)`` (scalars estimated over many training latents).
+``scale = 1 / std(z)`` and ``bias = -mean(z)`` (scalars estimated over many training latents by
+``latentlm.tokenizers.normalization``).
 Models only ever see normalized latents; no scale constant appears anywhere else.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -95,28 +95,6 @@ class Tokenizer(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (clamped) from normalized latents."""
         return self.decode_raw(self.denormalize(latents)).clamp(-1, 1)
-
-    @torch.no_grad()
-    def fit_normalization(self, raw_latents: Iterable[torch.Tensor]) -> tuple[float, float]:
-        """Set ``scale = 1/std`` and ``bias = -mean`` from an iterable of raw latent batches.
-
-        Uses a streaming float64 mean/variance so any number of latents fits in memory.
-        Returns ``(scale, bias)``.
-        """
-        count, total, total_sq = 0, 0.0, 0.0
-        for z in raw_latents:
-            z = z.detach().double()
-            count += z.numel()
-            total += z.sum().item()
-            total_sq += (z * z).sum().item()
-        if count < 2:
-            raise ValueError("fit_normalization needs at least two latent values")
-        mean = total / count
-        var = max(total_sq / count - mean * mean, 0.0)
-        if not math.isfinite(var) or var <= 0:
-            raise ValueError(f"latent variance {var} is not positive; the encoder output is constant")
-        self.set_normalization(1.0 / math.sqrt(var), -mean)
-        return float(self.scale), float(self.bias)
 
     def set_normalization(self, scale: float, bias: float) -> None:
         if not (math.isfinite(scale) and math.isfinite(bias) and scale > 0):

@@ -1,4 +1,4 @@
-"""Pixels as latent tokens: a parameter-free tokenizer for tests and for runs without a VAE."""
+"""Pixels as latent tokens (kind ``identity``): a parameter-free tokenizer for tests and runs without a VAE."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from latentlm.tokenizers.base import Tokenizer
 
 
-class PatchTokenizer(Tokenizer):
+class IdentityTokenizer(Tokenizer):
     """Space-to-depth: an f x f RGB patch becomes one latent of 3 f^2 channels (f = 1: raw pixels).
 
     Deterministic (no posterior noise), exactly invertible.

@@ -40,9 +40,8 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,54 +49,33 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from latentlm.checkpoint import atomic_write
+from latentlm.config import SigmaVAEConfig
+from latentlm.io import atomic_write
+from latentlm.models.layers import sincos_2d
 from latentlm.tokenizers.base import Tokenizer
 
-SigmaVAEVariant = Literal["conv", "vit"]
 CHECKPOINT_NAME = "tokenizer.safetensors"  # file name inside a tokenizer directory
 FORMAT_TAG = "latentlm.sigma_vae.v1"
 
 
-@dataclass
-class SigmaVAEConfig:
-    """Architecture and noise of a σ-VAE; every field is a constructor argument of ``SigmaVAE``."""
+class PerImageScaleTokenizer(Tokenizer):
+    """A σ-VAE's posterior: z = μ + s·ε, s = std·N(0, 1) drawn once per image, ε ~ N(0, I) like μ.
 
-    variant: SigmaVAEVariant = "conv"  # "conv": small images (digits); "vit": ImageNet-size images
-    image_channels: int = 3  # channels of the images it encodes (the tokenizer interface uses RGB)
-    latent_channels: int = 8  # C of one latent token
-    noise_std: float = 0.75  # C_σ: per-image noise scale s ~ N(0, C_σ²) (paper 0.75; reference 0.75/0.8)
-    # -- conv variant --
-    base_channels: int = 16  # width of the first conv level (16: the digits in ~0.13 s per step of 64 on a CPU)
-    channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; downsample = 2^(levels-1)
-    num_res_blocks: int = 1  # residual blocks per level (encoder and decoder)
-    # -- vit variant --
-    patch_size: int = 16  # pixels per side of one patch = one latent token (downsample factor)
-    hidden_size: int = 256  # Transformer width of encoder and decoder
-    depth: int = 4  # Transformer blocks in each of encoder and decoder
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
+    ``encode_moments`` returns ``std`` as the scale of s per image, (N, 1, 1, 1) (of a larger (N, ...) only
+    the first value per image is read); ``sample_posterior`` with ``std`` None gives the mode μ. s is drawn
+    before ε, both from ``generator``. Shared by our σ-VAE and the reference code's.
+    """
 
-    @property
-    def downsample(self) -> int:
-        if self.variant == "conv":
-            return 2 ** (len(self.channel_mult) - 1)
-        return self.patch_size
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the bad field and what is allowed."""
-        if self.variant not in ("conv", "vit"):
-            raise ValueError(f"variant={self.variant!r}: must be 'conv' or 'vit'")
-        for name in ("image_channels", "latent_channels", "base_channels", "num_res_blocks", "patch_size",
-                     "hidden_size", "depth", "num_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ValueError(f"channel_mult={self.channel_mult}: need at least one level, all >= 1")
-        if self.noise_std < 0 or not math.isfinite(self.noise_std):
-            raise ValueError(f"noise_std={self.noise_std}: must be finite and >= 0")
-        if self.variant == "vit" and (self.hidden_size % self.num_heads or self.hidden_size % 4):
-            raise ValueError(f"hidden_size={self.hidden_size}: the vit variant needs a multiple of num_heads="
-                             f"{self.num_heads} and of 4 (the 2-D sin-cos position table)")
+    def sample_posterior(
+        self, mean: torch.Tensor, std: torch.Tensor | None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        if std is None:
+            return mean
+        n = mean.shape[0]
+        s = torch.randn((n, 1, 1, 1), generator=generator, device=mean.device, dtype=mean.dtype)
+        s = s * std.reshape(n, -1)[:, :1].reshape(n, 1, 1, 1).to(mean.dtype)  # (N, 1, 1, 1)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + s * eps  # (N, C, h, w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,20 +158,6 @@ class ConvDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def sincos_2d(side: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
-    """Fixed 2-D sin-cos position table (side², dim) in raster order: half the dims per axis."""
-    if dim % 4:
-        raise ValueError(f"hidden_size={dim}: the 2-D sin-cos table needs a multiple of 4")
-    quarter = dim // 4
-    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter))  # (dim/4,)
-    pos = torch.arange(side, dtype=torch.float64, device=device)
-    ang = pos[:, None] * freqs[None]  # (side, dim/4)
-    axis = torch.cat([ang.sin(), ang.cos()], dim=1)  # (side, dim/2)
-    rows = axis[:, None, :].expand(side, side, dim // 2)  # (side, side, dim/2): row index
-    cols = axis[None, :, :].expand(side, side, dim // 2)  # (side, side, dim/2): column index
-    return torch.cat([rows, cols], dim=-1).reshape(side * side, dim).float()  # (side², dim)
-
-
 class ViTBlock(nn.Module):
     """Pre-norm Transformer block with bidirectional SDPA attention and a GELU MLP. (N, L, D) -> (N, L, D)."""
 
@@ -229,7 +193,7 @@ class ViTEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.patch_embed(x)  # (N, D, h, w)
         n, d, side, _ = h.shape
-        h = h.flatten(2).transpose(1, 2) + sincos_2d(side, d, h.device).to(h.dtype)  # (N, L, D), L = h·w
+        h = h.flatten(2).transpose(1, 2) + sincos_2d(side, d).to(h.device, h.dtype)  # (N, L, D), L = h·w
         for block in self.blocks:
             h = block(h)
         z = self.proj_out(self.norm_out(h))  # (N, L, C)
@@ -250,7 +214,7 @@ class ViTDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         n, _, side, _ = z.shape
         h = self.proj_in(z.flatten(2).transpose(1, 2))  # (N, L, D)
-        h = h + sincos_2d(side, h.shape[-1], h.device).to(h.dtype)
+        h = h + sincos_2d(side, h.shape[-1]).to(h.device, h.dtype)
         for block in self.blocks:
             h = block(h)
         patches = self.proj_out(self.norm_out(h))  # (N, L, image_channels·p²)
@@ -263,7 +227,7 @@ class ViTDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class SigmaVAE(Tokenizer):
+class SigmaVAE(PerImageScaleTokenizer):
     """σ-VAE tokenizer: deterministic encoder mean μ, per-image scalar-scaled Gaussian noise.
 
     ``SigmaVAE(**tokenizer.config_dict())`` rebuilds the architecture; ``SigmaVAE(cfg)`` takes a
@@ -303,22 +267,6 @@ class SigmaVAE(Tokenizer):
         mean = self.encoder(images)  # (N, C, S/f, S/f)
         std = torch.full((mean.shape[0], 1, 1, 1), self.noise_std, device=mean.device, dtype=mean.dtype)
         return mean, std
-
-    def sample_posterior(
-        self, mean: torch.Tensor, std: torch.Tensor | None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """z = μ + s·ε with s = std·N(0, 1) drawn once per image (N, 1, 1, 1) and ε ~ N(0, I) like μ.
-
-        ``std`` is what ``encode_moments`` returned (C_σ per image, shape (N, 1, 1, 1) or
-        broadcastable to it); None gives the mode μ.
-        """
-        if std is None:
-            return mean
-        n = mean.shape[0]
-        s = torch.randn((n, 1, 1, 1), generator=generator, device=mean.device, dtype=mean.dtype)
-        s = s * std.reshape(n, -1)[:, :1].reshape(n, 1, 1, 1).to(mean.dtype)  # (N, 1, 1, 1)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + s * eps  # (N, C, h, w)
 
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, h·f, w·f), unclamped, from raw latents (N, C, h, w)."""
@@ -391,6 +339,15 @@ def _build_from_config(config: dict[str, Any]) -> tuple[SigmaVAE, dict[str, floa
     if unknown:
         raise ValueError(f"unknown σ-VAE config fields {unknown}; known: {sorted(known)}")
     return SigmaVAE(**config), normalization
+
+
+def is_sigma_vae_config(config: Any) -> bool:
+    """Whether a file's ``"config"`` is one of ours: kind 'sigma_vae', or no kind and only our field names."""
+    if not isinstance(config, dict):
+        return False
+    if "kind" in config:
+        return config["kind"] == SigmaVAE.kind
+    return set(config) <= {f.name for f in dataclasses.fields(SigmaVAEConfig)} | {"normalization"}
 
 
 def load_sigma_vae(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SigmaVAE:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from latentlm.cli import main
 from latentlm.data import ImageFolder
-from latentlm.roundtrip import psnr, ssim
+from latentlm.metrics.image import psnr, ssim
 from latentlm.tokenizers import load_tokenizer
 from latentlm.tokenizers.sigma_vae import SigmaVAE, save_sigma_vae
 from train_helpers import make_image_folder

@@ -1,6 +1,4 @@
-"""Metrics.
-
-Embedded default (SPEC §9): a small CNN trained in seconds on the real training digits scores
+"""The embedded default's metric: a small CNN trained in seconds on the real training digits scores
 generated digits by
 
 * **class accuracy** — how often the classifier recognises an image as the class it was
@@ -13,57 +11,16 @@ generated digits by
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-# ---------------------------------------------------------------------------------------------
-# Fréchet distance
-# ---------------------------------------------------------------------------------------------
-
-
-def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (F,) and unbiased covariance (F, F), in float64, of features (N, F) with N >= 2."""
-    x = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(
-        features, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"features of shape {x.shape}: need (N, F) with N >= 2")
-    return x.mean(axis=0), np.cov(x, rowvar=False)
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2), in float64:
-
-        ‖mu1 − mu2‖² + tr(sigma1 + sigma2 − 2 (sigma1 sigma2)^{1/2}).
-
-    The matrix square root is ``scipy.linalg.sqrtm``; when the product is singular (fewer samples
-    than features) ``eps`` is added to both diagonals, and a negligible imaginary part from
-    round-off is dropped (a large one raises ``ValueError``).
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
-    diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # singular products are handled below
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has a large imaginary component {np.abs(covmean.imag).max():.3g}")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
-
+from latentlm.metrics.statistics import frechet_distance, gaussian_statistics
 
 # ---------------------------------------------------------------------------------------------
 # Digit classifier
@@ -188,7 +145,7 @@ class DigitsEvaluator:
         _, self.train_features = classify(classifier, train_images)  # (N, F)
         self.train_labels = train_labels.cpu()
         _, ref_features = classify(classifier, reference_images)  # (M, F)
-        self.reference_stats = feature_statistics(ref_features)
+        self.reference_stats = gaussian_statistics(ref_features)
         self.seed = seed
 
     @classmethod
@@ -205,7 +162,7 @@ class DigitsEvaluator:
         for c, count in zip(*torch.unique(labels.cpu(), return_counts=True), strict=True):
             pool = torch.nonzero(self.train_labels == c).flatten()
             picks.append(pool[torch.randperm(len(pool), generator=generator)[: int(count)]])
-        return frechet_distance(*feature_statistics(self.train_features[torch.cat(picks)]), *self.reference_stats)
+        return frechet_distance(*gaussian_statistics(self.train_features[torch.cat(picks)]), *self.reference_stats)
 
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> DigitsScore:
         """Score images (N, C, S, S) in [-1, 1] generated for ``labels`` (N,)."""
@@ -213,6 +170,24 @@ class DigitsEvaluator:
             raise ValueError(f"{len(images)} images and {len(labels)} labels: need equal counts, at least 2")
         preds, features = classify(self.classifier, images)
         accuracy = (preds == labels.cpu()).float().mean().item()
-        frechet = frechet_distance(*feature_statistics(features), *self.reference_stats)
+        frechet = frechet_distance(*gaussian_statistics(features), *self.reference_stats)
         return DigitsScore(accuracy=accuracy, frechet=frechet, frechet_floor=self.floor(labels),
                            num_images=len(images))
+
+
+def digits_metrics(samples: Path, num_images: int, image_size: int, seed: int = 0) -> dict[str, float]:
+    """The digit-classifier metrics of the first ``num_images`` generated digits of an ADM ``.npz``
+    (``arr_0`` images, ``arr_1`` their classes): class accuracy and the Fréchet distance to the real
+    test digits beside its floor. ``ConfigError`` when the file has no labels."""
+    from latentlm.config import ConfigError
+    from latentlm.data.digits import DigitsDataset
+    from latentlm.io import npz_keys
+
+    if "arr_1" not in npz_keys(samples):
+        raise ConfigError(f"{samples} has no arr_1 (labels): the digits metrics score images against their class")
+    with np.load(samples, allow_pickle=False) as data:
+        images = torch.from_numpy(data["arr_0"][:num_images]).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, S, S)
+        labels = torch.from_numpy(data["arr_1"][:num_images]).long()  # (N,)
+    train, test = DigitsDataset("train", image_size=image_size), DigitsDataset("test", image_size=image_size)
+    evaluator = DigitsEvaluator.fit(train.images, train.labels, test.images, seed=seed)
+    return evaluator.score(images, labels).as_dict()

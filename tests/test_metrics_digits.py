@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from latentlm.data.digits import DigitsDataset
-from latentlm.evaluate import DigitsEvaluator, feature_statistics, frechet_distance
+from latentlm.metrics.digits import DigitsEvaluator
+from latentlm.metrics.statistics import frechet_distance, gaussian_statistics
 
 
 def test_frechet_distance_closed_forms():
@@ -24,7 +25,7 @@ def test_frechet_distance_closed_forms():
     assert frechet_distance(mu, sigma, mu, 4 * sigma) == pytest.approx(np.trace(sigma) * (1 + 4 - 4), rel=1e-8)
     # Singular covariances (fewer samples than features) still give a finite, non-negative value.
     few = rng.normal(size=(3, 8))
-    assert 0 <= frechet_distance(*feature_statistics(few), *feature_statistics(few + 1)) < np.inf
+    assert 0 <= frechet_distance(*gaussian_statistics(few), *gaussian_statistics(few + 1)) < np.inf
     with pytest.raises(ValueError, match="shape mismatch"):
         frechet_distance(mu, sigma, mu[:4], sigma[:4, :4])
 

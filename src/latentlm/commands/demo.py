@@ -8,7 +8,7 @@ Phases, each with its own progress bar:
 4. train a tiny DiT the same way for the same number of steps, then sample and score it;
 5. print a table and write ``metrics.json``.
 
-Scores (``latentlm.evaluate``): class accuracy of generated images w.r.t. the class requested,
+Scores (``latentlm.metrics.digits``): class accuracy of generated images w.r.t. the class requested,
 and the Fréchet distance to the real test digits in the classifier's feature space beside its
 floor (real training digits with the same labels, same count).
 
@@ -30,7 +30,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,52 +38,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from latentlm.config import DataConfig, SamplerConfig, TokenizerConfig, TrainConfig, to_dict
+from latentlm.config import DataConfig, DemoConfig, TokenizerConfig, TokenizerTrainConfig, TrainConfig, to_dict
 from latentlm.data.digits import DigitsDataset
-from latentlm.evaluate import DigitsEvaluator
+from latentlm.metrics.digits import DigitsEvaluator
 from latentlm.models import get_config
-from latentlm.sample import make_grid
-from latentlm.tokenizers.sigma_vae import SigmaVAEConfig
-from latentlm.train import train
-from latentlm.train_tokenizer import TokenizerTrainConfig, train_tokenizer
+from latentlm.training.model import train
+from latentlm.training.tokenizer import TokenizerTrainResult, train_tokenizer
+from latentlm.visualize import make_grid
 
 log = logging.getLogger(__name__)
-
-
-def _demo_vae() -> SigmaVAEConfig:
-    return SigmaVAEConfig(variant="conv", latent_channels=8, base_channels=16, channel_mult=(1, 2, 2))
-
-
-def _demo_sampler() -> SamplerConfig:
-    return SamplerConfig(sampler="dpm_solver", num_steps=20, cfg_scale=2.0)
-
-
-@dataclass
-class DemoConfig:
-    """``latentlm demo``: defaults finish in under 10 minutes on 2 CPU cores."""
-
-    output_dir: str | None = None  # run directory; None: runs/demo-<timestamp>
-    seed: int = 0  # every phase's seed derives from it
-    image_size: int = 16  # digits are resized from 8x8 to this side
-    # -- σ-VAE: 16x16 -> 4x4 latents of 8 channels, so LatentLM reads 16 tokens of 8 values --
-    vae: SigmaVAEConfig = field(default_factory=_demo_vae)
-    vae_steps: int = 400  # σ-VAE optimizer steps (batch 64, peak LR 3e-3)
-    # -- generators: both get the same steps, batch, LR and latents --
-    latentlm_model: str = "Transformer-Tiny"  # preset of the next-token diffusion model
-    dit_model: str = "DiT-Tiny"  # preset of the baseline
-    # Head samples per token per backbone pass. The preset's 4 amortises a big backbone; on this tiny one
-    # the head dominates, 1 halves the CPU time per step and gave at least as much accuracy per CPU-second.
-    latentlm_batch_mul: int = 1
-    steps: int = 400  # optimizer steps for each of the two models
-    batch_size: int = 64  # images per step
-    lr: float = 2e-3  # peak LR after a warm-up over a tenth of the steps, then cosine decay
-    ema_decay: float = 0.999  # short runs need a short EMA
-    sampler: SamplerConfig = field(default_factory=_demo_sampler)  # 20 DPM-Solver++ steps, CFG 2.0
-    # -- evaluation --
-    classifier_epochs: int = 20  # the metric's CNN: ~97% on the real test digits
-    eval_per_class: int = 30  # generated images per class that are scored; the first 10 per class form the grid
-    threads: int | None = 1  # torch CPU threads; 1 is fastest for these tiny models and robust to a busy machine
-    progress: bool = True  # tqdm bars per phase
 
 
 @dataclass
@@ -148,6 +111,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 def demo(cfg: DemoConfig) -> DemoResult:
     """Run the demo; returns the run directory, the metrics and the printed table."""
+    cfg.validate()
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -155,6 +119,37 @@ def demo(cfg: DemoConfig) -> DemoResult:
         return _demo(cfg)
     finally:
         torch.set_num_threads(threads)
+
+
+def _train_vae(cfg: DemoConfig, run_dir: Path) -> TokenizerTrainResult:
+    print(f"[1/4] σ-VAE: {cfg.vae_steps} steps on the digits ({cfg.image_size}x{cfg.image_size})", flush=True)
+    return train_tokenizer(TokenizerTrainConfig(
+        output_dir=str(run_dir / "sigma_vae"), vae=cfg.vae,
+        data=DataConfig(kind="digits", image_size=cfg.image_size, hflip=False, num_workers=0),
+        max_steps=cfg.vae_steps, seed=cfg.seed, checkpoint_every=cfg.vae_steps, keep_last=1, progress=cfg.progress,
+    ))
+
+
+def _train_and_score(cfg: DemoConfig, key: str, preset: str, phase: int, run_dir: Path, vae: TokenizerTrainResult,
+                     evaluator: DigitsEvaluator, labels: torch.Tensor, grid_index: torch.Tensor) -> dict[str, float]:
+    """Train one generator on the σ-VAE latents, sample ``labels``, write its grid, score the samples."""
+    print(f"[{phase}/4] {preset}: {cfg.steps} steps on σ-VAE latents, then {len(labels)} samples "
+          f"(CFG {cfg.sampler.cfg_scale}, {cfg.sampler.num_steps} solver steps)", flush=True)
+    t = time.perf_counter()
+    result = train(_train_config(cfg, preset, run_dir / key, vae.tokenizer_path.resolve()))
+    train_seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    model = result.ema.eval()
+    device = next(model.parameters()).device
+    latents = model.generate(labels.to(device), sampler=cfg.sampler, seed=cfg.seed, progress=cfg.progress)
+    with torch.no_grad():
+        images = vae.tokenizer.to(device).decode(latents.float()).cpu()  # (N, 3, S, S) in [-1, 1]
+    sample_seconds = time.perf_counter() - t
+    make_grid(images[grid_index.flatten()], rows=10, row_labels=[str(c) for c in range(10)]).save(
+        run_dir / f"{key}_grid.png")
+    score = evaluator.score(images, labels)
+    return {**score.as_dict(), "train_seconds": train_seconds, "sample_seconds": sample_seconds,
+            "final_loss": result.losses[-1]}
 
 
 def _demo(cfg: DemoConfig) -> DemoResult:
@@ -170,16 +165,8 @@ def _demo(cfg: DemoConfig) -> DemoResult:
 
     with _quiet_console():
         # 1. σ-VAE ------------------------------------------------------------------------------------
-        print(f"[1/4] σ-VAE: {cfg.vae_steps} steps on the digits ({cfg.image_size}x{cfg.image_size})", flush=True)
         t = time.perf_counter()
-        vae_cfg = TokenizerTrainConfig(
-            output_dir=str(run_dir / "sigma_vae"), vae=cfg.vae,
-            data=DataConfig(kind="digits", image_size=cfg.image_size, hflip=False, num_workers=0),
-            max_steps=cfg.vae_steps, seed=cfg.seed, checkpoint_every=cfg.vae_steps, keep_last=1,
-            progress=cfg.progress,
-        )
-        vae_result = train_tokenizer(vae_cfg)
-        tokenizer = vae_result.tokenizer
+        vae = _train_vae(cfg, run_dir)
         timings["sigma_vae"] = time.perf_counter() - t
 
         # 2. Classifier (the metric) ---------------------------------------------------------------------
@@ -196,24 +183,9 @@ def _demo(cfg: DemoConfig) -> DemoResult:
         # 3-4. LatentLM and DiT on the same latents --------------------------------------------------------
         rows: dict[str, dict[str, float]] = {}
         for phase, (key, preset) in enumerate((("latentlm", cfg.latentlm_model), ("dit", cfg.dit_model)), start=3):
-            print(f"[{phase}/4] {preset}: {cfg.steps} steps on σ-VAE latents, then {len(labels)} samples "
-                  f"(CFG {cfg.sampler.cfg_scale}, {cfg.sampler.num_steps} solver steps)", flush=True)
-            t = time.perf_counter()
-            result = train(_train_config(cfg, preset, run_dir / key, vae_result.tokenizer_path.resolve()))
-            train_seconds = time.perf_counter() - t
-            t = time.perf_counter()
-            model = result.ema.eval()
-            device = next(model.parameters()).device
-            latents = model.generate(labels.to(device), sampler=cfg.sampler, seed=cfg.seed, progress=cfg.progress)
-            with torch.no_grad():
-                images = tokenizer.to(device).decode(latents.float()).cpu()  # (N, 3, S, S) in [-1, 1]
-            sample_seconds = time.perf_counter() - t
-            make_grid(images[grid_index.flatten()], rows=10, row_labels=[str(c) for c in range(10)]).save(
-                run_dir / f"{key}_grid.png")
-            score = evaluator.score(images, labels)
-            rows[f"{key} ({preset})"] = {**score.as_dict(), "train_seconds": train_seconds,
-                                         "sample_seconds": sample_seconds, "final_loss": result.losses[-1]}
-            timings[key] = train_seconds + sample_seconds
+            row = _train_and_score(cfg, key, preset, phase, run_dir, vae, evaluator, labels, grid_index)
+            rows[f"{key} ({preset})"] = row
+            timings[key] = row["train_seconds"] + row["sample_seconds"]
     timings["total"] = time.perf_counter() - start
 
     # Report ------------------------------------------------------------------------------------------
@@ -222,8 +194,8 @@ def _demo(cfg: DemoConfig) -> DemoResult:
         "models": rows,
         "classifier": {"test_accuracy": real_accuracy, "frechet_train_vs_test": real_floor,
                        "num_train": len(train_set), "num_test": len(test_set)},
-        "sigma_vae": {"tokenizer": str(vae_result.tokenizer_path), "final_loss": vae_result.losses[-1],
-                      **tokenizer.normalization()},
+        "sigma_vae": {"tokenizer": str(vae.tokenizer_path), "final_loss": vae.losses[-1],
+                      **vae.tokenizer.normalization()},
         "timings_seconds": timings,
         "config": to_dict(cfg),
         "torch_threads": torch.get_num_threads(),  # what the timings ran with
@@ -238,4 +210,6 @@ def _demo(cfg: DemoConfig) -> DemoResult:
     return DemoResult(run_dir=run_dir, metrics=metrics, table=table)
 
 
-__all__ = ["DemoConfig", "DemoResult", "demo", "format_table"]
+def run(cfg: DemoConfig) -> int:
+    demo(cfg)
+    return 0
