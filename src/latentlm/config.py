@@ -605,6 +605,57 @@ class EvaluateConfig(SampleManyConfig):
 
 
 @dataclass
+class SweepConfig:
+    """`latentlm sweep`: score checkpoints over a grid of sampler settings (guidance scale and schedule,
+    solver, steps, temperature), each point generated like `sample-many` (resumable shards) and scored like
+    `evaluate`. Writes ``out/sweep.json`` (every point, the best per model and metric), ``out/sweep.png``
+    (metric vs guidance scale) and prints a table; a killed sweep resumes, finished points are kept."""
+
+    checkpoints: tuple[str, ...] = ()  # checkpoint or run directories (each its newest complete checkpoint)
+    out: str = "sweeps/sweep"  # directory: points/<point>.npz (+ .json, .eval.json), sweep.json, sweep.png
+    cfg_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)  # guidance scales of the grid
+    cfg_schedules: tuple[CfgSchedule, ...] = ("constant",)  # LatentLM only; DiT points use "constant"
+    solvers: tuple[SamplerName, ...] = ()  # empty: sampler.sampler where it fits the model's process, else its first
+    num_steps: tuple[int, ...] = (20,)  # solver steps of the grid
+    temperatures: tuple[float, ...] = (1.0,)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # what the grid does not vary (e.g. solver_order)
+    per_class: int = 10  # images per class per point (10 x 1000 = FID-10K); see sample-many
+    num_images: int | None = None  # instead: N images with classes drawn from (seed, k)
+    seed: int = 0
+    ema: bool = True
+    tokenizer_path: str | None = None
+    images_per_shard: int = 1000
+    batch_size: int = 125
+    weights_dtype: WeightsDtype = "float32"
+    device: str = "auto"
+    progress: bool = True
+    # -- scoring (as evaluate) --
+    reference: str | None = None  # ADM reference batch or mu/sigma .npz; not needed for digits checkpoints
+    inception_weights: str | None = None
+    inception_batch_size: int = 64
+    isc_splits: int = 10
+    prc_neighborhood: int = 3
+
+    def validate(self) -> None:
+        if not self.checkpoints:
+            raise ConfigError("--checkpoints is required: one or more checkpoint or run directories")
+        for name in ("cfg_scales", "cfg_schedules", "num_steps", "temperatures"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: give at least one value")
+        if any(not math.isfinite(s) for s in self.cfg_scales) or any(not t > 0 for t in self.temperatures):
+            raise ConfigError(f"cfg_scales={self.cfg_scales} must be finite and temperatures={self.temperatures} > 0")
+        if any(n < 1 for n in self.num_steps):
+            raise ConfigError(f"num_steps={self.num_steps}: every value must be >= 1")
+        for schedule in self.cfg_schedules:
+            _choice(schedule, ("constant", "linear"), "cfg_schedules")
+        if self.num_images is None:
+            _at_least(self, 1, "per_class")
+        else:
+            _at_least(self, 2, "num_images")
+        _at_least(self, 1, "images_per_shard", "batch_size")
+
+
+@dataclass
 class ReferenceStatsConfig:
     """`latentlm reference-stats`: Inception statistics of an ImageFolder, saved as an ADM-style ``.npz``.
 

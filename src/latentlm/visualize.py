@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -95,6 +96,36 @@ def save_loss_curve(losses: list[float], path: Path) -> None:
     ax.set_yscale("log" if values and min(values) > 0 else "linear")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def save_sweep_plot(points: Sequence[Any], path: Path, primary: str, secondary: str) -> None:
+    """PNG of two panels, ``primary`` and ``secondary`` metric against the guidance scale, one line per model
+    and sampler setting (solver, steps, schedule, temperature). ``points`` have ``model``, ``sampler``
+    (a ``SamplerConfig``) and ``metrics`` (name -> value or None), like ``latentlm.commands.sweep.SweepPoint``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lines: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+    for p in points:
+        s = p.sampler
+        extra = "" if s.cfg_schedule == "constant" else f", {s.cfg_schedule}"
+        extra += "" if s.temperature == 1.0 else f", T {s.temperature:g}"
+        lines.setdefault(f"{p.model}: {s.sampler} {s.num_steps}{extra}", []).append((s.cfg_scale, p.metrics))
+    fig = Figure(figsize=(11, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    for k, metric in enumerate((primary, secondary)):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for label, values in lines.items():
+            xy = sorted((x, m[metric]) for x, m in values if m.get(metric) is not None)
+            if xy:
+                ax.plot(*zip(*xy, strict=True), marker="o", lw=1.5, label=label)
+        ax.set_xlabel("guidance scale")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

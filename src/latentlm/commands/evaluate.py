@@ -17,7 +17,7 @@ from latentlm.commands.sample_many import existing_record, sample_many
 from latentlm.config import ConfigError, EvaluateConfig
 from latentlm.distributed import Distributed, resolve_device
 from latentlm.io import file_sha256, write_json
-from latentlm.metrics.digits import digits_metrics
+from latentlm.metrics.digits import DigitsEvaluator, digits_evaluator, digits_metrics
 from latentlm.metrics.inception import (
     INCEPTION_FILE,
     INCEPTION_SHA256_PREFIX,
@@ -39,6 +39,73 @@ def _checkpoint_data_kind(checkpoint: str) -> str | None:
     return ckpt.train_config.get("data", {}).get("kind")
 
 
+class Scorer:
+    """Scores sample files with the metrics that apply: Inception metrics against ``reference`` when one is
+    given, the digit classifier's when ``digits``. Built once, it keeps the Inception network and the
+    fitted digit classifiers (per image size) for every file it scores (``latentlm sweep`` scores many)."""
+
+    def __init__(self, cfg: EvaluateConfig, digits: bool) -> None:
+        self.cfg, self.digits = cfg, digits
+        self.reference = load_reference(cfg.reference) if cfg.reference else None
+        self.weights = resolve_inception_weights(cfg.inception_weights) if self.reference else None
+        self._inception: InceptionFeatures | None = None
+        self._digits: dict[int, DigitsEvaluator] = {}
+
+    def score(self, samples: Path, num_images: int, image_size: int) -> dict[str, Any]:
+        """The metrics of the first ``num_images`` images of ``samples`` (an ADM ``.npz``)."""
+        cfg, metrics = self.cfg, {}
+        if self.reference is not None:
+            if self._inception is None:
+                self._inception = InceptionFeatures(self.weights, resolve_device(cfg.device))
+            metrics.update(inception_metrics(samples, num_images, self.reference, self._inception,
+                                             cfg.inception_batch_size, cfg.isc_splits, cfg.prc_neighborhood,
+                                             cfg.progress))
+        if self.digits:
+            if image_size not in self._digits:
+                self._digits[image_size] = digits_evaluator(image_size, seed=0)
+            metrics["digits"] = digits_metrics(samples, num_images, self._digits[image_size])
+        return metrics
+
+    def describe(self) -> dict[str, Any]:
+        """What produced the scores: reference, Inception weights, metric settings, versions."""
+        import torch_fidelity
+
+        cfg, weights = self.cfg, self.weights
+        return {
+            "reference": self.reference.describe() if self.reference else None,
+            "inception": {"path": str(weights.resolve()), "sha256": file_sha256(weights),
+                          "official": file_sha256(weights).startswith(INCEPTION_SHA256_PREFIX)} if weights else None,
+            "settings": {"isc_splits": cfg.isc_splits, "isc_shuffle_seed": 2020,
+                         "prc_neighborhood": cfg.prc_neighborhood, "inception_batch_size": cfg.inception_batch_size,
+                         "sfid_features": "mixed_6/conv (Mixed_6d.branch1x1) channels 0..6, NHWC-flattened"},
+            "versions": {"latentlm": latentlm.__version__, "torch": torch.__version__,
+                         "torch_fidelity": torch_fidelity.__version__},
+        }
+
+
+def check_scoring(cfg: EvaluateConfig, data_kind: str | None) -> bool:
+    """Whether the digits metrics apply (a checkpoint trained on the bundled digits); ``ConfigError`` when
+    nothing can score the samples (no reference for an ImageNet-like checkpoint)."""
+    digits = data_kind == "digits"
+    if cfg.reference is None and not digits:
+        raise ConfigError("--reference is required: an ADM reference batch (VIRTUAL_imagenet256_labeled.npz), a "
+                          "mu/sigma .npz, or a file from `latentlm reference-stats` (only checkpoints trained on the "
+                          "bundled digits can be scored without one)")
+    return digits
+
+
+def images_to_score(samples: Path, eval_images: int | None) -> tuple[int, int, int]:
+    """``(images to score, available, image side)`` of a sample file; ``ConfigError`` when too few."""
+    available, height, _ = check_image_npz(samples)
+    num_images = available if eval_images is None else eval_images
+    if num_images > available:
+        raise ConfigError(f"{samples} holds {available} images but {num_images} were requested (--eval-images); "
+                          "generate more (sample-many --per-class/--num-images) or lower --eval-images")
+    if num_images < 2:
+        raise ConfigError(f"{samples} holds {available} image(s): need at least 2")
+    return num_images, available, height
+
+
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """``latentlm evaluate``: generate ``cfg.out`` if a checkpoint is given (resumable, all processes),
     then score it on the first process and write ``cfg.results``. Returns the results (``{}`` on other
@@ -50,61 +117,33 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     record = existing_record(samples)
     data_kind = _checkpoint_data_kind(cfg.checkpoint) if cfg.checkpoint else (
         record["settings"].get("data_kind") if record else None)
-    digits = data_kind == "digits"
-    if cfg.reference is None and not digits:
-        raise ConfigError("--reference is required: an ADM reference batch (VIRTUAL_imagenet256_labeled.npz), a "
-                          "mu/sigma .npz, or a file from `latentlm reference-stats` (only checkpoints trained on the "
-                          "bundled digits can be scored without one)")
+    digits = check_scoring(cfg, data_kind)
     if not cfg.checkpoint and not samples.is_file():
         raise ConfigError(f"samples {samples} do not exist: pass --checkpoint to generate them, or --out an "
                           "existing .npz")
-    reference = load_reference(cfg.reference) if cfg.reference else None
-    weights = resolve_inception_weights(cfg.inception_weights) if reference else None
+    scorer = Scorer(cfg, digits)
 
-    # Samples --------------------------------------------------------------------------------------------
+    # Samples, metrics ---------------------------------------------------------------------------------------
     if cfg.checkpoint:
         sample_many(cfg)
         if not Distributed.start(cfg.device).is_main:
             return {}
         record = existing_record(samples)
-    available, height, width = check_image_npz(samples)
-    num_images = available if cfg.eval_images is None else cfg.eval_images
-    if num_images > available:
-        raise ConfigError(f"{samples} holds {available} images but {num_images} were requested (--eval-images); "
-                          "generate more (sample-many --per-class/--num-images) or lower --eval-images")
-    if num_images < 2:
-        raise ConfigError(f"{samples} holds {available} image(s): need at least 2")
-
-    # Metrics ---------------------------------------------------------------------------------------------
-    metrics: dict[str, Any] = {}
-    if reference is not None:
-        inception = InceptionFeatures(weights, resolve_device(cfg.device))
-        metrics.update(inception_metrics(samples, num_images, reference, inception, cfg.inception_batch_size,
-                                         cfg.isc_splits, cfg.prc_neighborhood, cfg.progress))
-    if digits:
-        metrics["digits"] = digits_metrics(samples, num_images, height, seed=0)
+    num_images, available, side = images_to_score(samples, cfg.eval_images)
+    metrics = scorer.score(samples, num_images, side)
 
     # Report ------------------------------------------------------------------------------------------------
-    import torch_fidelity
-
     results = {
         "metrics": metrics,
         "samples": {"path": str(samples.resolve()), "num_images": num_images, "available": available,
-                    "image_size": [height, width]},
+                    "image_size": [side, side]},
         "generation": record["settings"] if record else None,  # checkpoint, sampler, steps, CFG, EMA, seed, N
-        "reference": reference.describe() if reference else None,
-        "inception": {"path": str(weights.resolve()), "sha256": file_sha256(weights),
-                      "official": file_sha256(weights).startswith(INCEPTION_SHA256_PREFIX)} if weights else None,
-        "settings": {"isc_splits": cfg.isc_splits, "isc_shuffle_seed": 2020, "prc_neighborhood": cfg.prc_neighborhood,
-                     "inception_batch_size": cfg.inception_batch_size,
-                     "sfid_features": "mixed_6/conv (Mixed_6d.branch1x1) channels 0..6, NHWC-flattened"},
-        "versions": {"latentlm": latentlm.__version__, "torch": torch.__version__,
-                     "torch_fidelity": torch_fidelity.__version__},
+        **scorer.describe(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if results["inception"] and not results["inception"]["official"]:
         log.warning("Inception weights %s are not torch-fidelity's %s: scores are not comparable to published ones",
-                    weights, INCEPTION_FILE)
+                    scorer.weights, INCEPTION_FILE)
     out = Path(cfg.results) if cfg.results else samples.with_suffix(".eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, results)

@@ -175,12 +175,20 @@ class DigitsEvaluator:
                            num_images=len(images))
 
 
-def digits_metrics(samples: Path, num_images: int, image_size: int, seed: int = 0) -> dict[str, float]:
+def digits_evaluator(image_size: int, seed: int = 0) -> DigitsEvaluator:
+    """The evaluator of generated digits of side ``image_size``: the classifier fitted on the real training
+    digits, the real test digits as the reference."""
+    from latentlm.data.digits import DigitsDataset
+
+    train, test = DigitsDataset("train", image_size=image_size), DigitsDataset("test", image_size=image_size)
+    return DigitsEvaluator.fit(train.images, train.labels, test.images, seed=seed)
+
+
+def digits_metrics(samples: Path, num_images: int, evaluator: DigitsEvaluator) -> dict[str, float]:
     """The digit-classifier metrics of the first ``num_images`` generated digits of an ADM ``.npz``
     (``arr_0`` images, ``arr_1`` their classes): class accuracy and the Fréchet distance to the real
     test digits beside its floor. ``ConfigError`` when the file has no labels."""
     from latentlm.config import ConfigError
-    from latentlm.data.digits import DigitsDataset
     from latentlm.io import npz_keys
 
     if "arr_1" not in npz_keys(samples):
@@ -188,6 +196,4 @@ def digits_metrics(samples: Path, num_images: int, image_size: int, seed: int = 
     with np.load(samples, allow_pickle=False) as data:
         images = torch.from_numpy(data["arr_0"][:num_images]).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, S, S)
         labels = torch.from_numpy(data["arr_1"][:num_images]).long()  # (N,)
-    train, test = DigitsDataset("train", image_size=image_size), DigitsDataset("test", image_size=image_size)
-    evaluator = DigitsEvaluator.fit(train.images, train.labels, test.images, seed=seed)
     return evaluator.score(images, labels).as_dict()
