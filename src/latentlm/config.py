@@ -791,12 +791,17 @@ class DemoConfig:
     # Head samples per token per backbone pass. The preset's 4 amortises a big backbone; on this tiny one
     # the head dominates, 1 halves the CPU time per step and gave at least as much accuracy per CPU-second.
     latentlm_batch_mul: int = 1
-    steps: int = 400  # optimizer steps for each of the two models
+    steps: int = 400  # LatentLM's optimizer steps
+    # DiT's optimizer steps; None: as many as give it LatentLM's training FLOPs (latentlm.flops), so the
+    # comparison is at equal training compute rather than at equal steps
+    dit_steps: int | None = None
     batch_size: int = 64  # images per step
     lr: float = 2e-3  # peak LR after a warm-up over a tenth of the steps, then cosine decay
     ema_decay: float = 0.999  # short runs need a short EMA
-    sampler: SamplerConfig = field(default_factory=_demo_sampler)  # 20 DPM-Solver++ steps, CFG 2.0
+    sampler: SamplerConfig = field(default_factory=_demo_sampler)  # 20 DPM-Solver++ steps; cfg_scale: the fixed scale
     # -- evaluation --
+    cfg_scales: tuple[float, ...] = (1.0, 1.25, 1.5, 1.75, 2.0, 3.0)  # the guidance sweep of both models
+    min_accuracy: float = 0.97  # a model's best scale: the lowest Fréchet ratio among scales with this accuracy
     classifier_epochs: int = 20  # the metric's CNN: ~97% on the real test digits
     eval_per_class: int = 30  # generated images per class that are scored; the first 10 per class form the grid
     threads: int | None = 1  # torch CPU threads; 1 is fastest for these tiny models and robust to a busy machine
@@ -805,6 +810,12 @@ class DemoConfig:
     def validate(self) -> None:
         _at_least(self, 1, "image_size", "vae_steps", "latentlm_batch_mul", "steps", "batch_size",
                   "classifier_epochs", "eval_per_class")
+        if self.dit_steps is not None and self.dit_steps < 1:
+            raise ConfigError(f"dit_steps={self.dit_steps}: must be >= 1 (or unset for equal training FLOPs)")
+        if not self.cfg_scales or any(not math.isfinite(s) for s in self.cfg_scales):
+            raise ConfigError(f"cfg_scales={self.cfg_scales}: give at least one finite guidance scale")
+        if not 0 <= self.min_accuracy <= 1:
+            raise ConfigError(f"min_accuracy={self.min_accuracy}: must be in [0, 1]")
         try:
             self.vae.validate()
         except ConfigError as err:

@@ -38,13 +38,24 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from latentlm.config import DataConfig, DemoConfig, TokenizerConfig, TokenizerTrainConfig, TrainConfig, to_dict
+from latentlm.commands.sweep import SweepPoint
+from latentlm.config import (
+    DataConfig,
+    DemoConfig,
+    ModelConfig,
+    TokenizerConfig,
+    TokenizerTrainConfig,
+    TrainConfig,
+    from_dict,
+    to_dict,
+)
 from latentlm.data.digits import DigitsDataset
+from latentlm.flops import training_flops
 from latentlm.metrics.digits import DigitsEvaluator
 from latentlm.models import get_config
 from latentlm.training.model import train
 from latentlm.training.tokenizer import TokenizerTrainResult, train_tokenizer
-from latentlm.visualize import make_grid
+from latentlm.visualize import make_grid, save_sweep_plot
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +96,7 @@ def _quiet_console() -> Iterator[None]:
         package_log.propagate = propagate
 
 
-def _train_config(cfg: DemoConfig, preset: str, run_dir: Path, tokenizer_path: Path) -> TrainConfig:
+def _train_config(cfg: DemoConfig, preset: str, steps: int, run_dir: Path, tokenizer_path: Path) -> TrainConfig:
     model = get_config(preset)
     if model.family == "latentlm":
         model = dataclasses.replace(model, batch_mul=cfg.latentlm_batch_mul)
@@ -93,20 +104,30 @@ def _train_config(cfg: DemoConfig, preset: str, run_dir: Path, tokenizer_path: P
         output_dir=str(run_dir), model=model,
         data=DataConfig(kind="digits", image_size=cfg.image_size, hflip=False, num_workers=0),
         tokenizer=TokenizerConfig(kind="sigma_vae", path=str(tokenizer_path), norm_images=0),  # stats in the file
-        max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=min(100, cfg.steps // 10 + 1),
+        max_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=min(100, steps // 10 + 1),
         weight_decay=0.0, ema_decay=cfg.ema_decay, mixed_precision="no", seed=cfg.seed,
-        checkpoint_every=cfg.steps, sample_every=0, log_every=100, tensorboard=False, progress=cfg.progress,
+        checkpoint_every=steps, sample_every=0, log_every=100, tensorboard=False, progress=cfg.progress,
     )
 
 
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """The closing table: one row per model. ``floor`` is the real-train-vs-real-test Fréchet distance."""
-    header = f"{'model':<28}{'class acc':>10}{'Fréchet':>10}{'floor':>8}{'ratio':>8}{'train s':>9}{'sample s':>10}"
+def format_table(rows: dict[str, dict[str, Any]]) -> str:
+    """The closing table: each model at the fixed guidance scale and at its best one (``floor`` is the
+    real-train-vs-real-test Fréchet distance; GFLOP: training compute)."""
+    header = (f"{'model':<28}{'CFG':>10}{'class acc':>10}{'Fréchet':>10}{'floor':>8}{'ratio':>8}{'train s':>9}"
+              f"{'GFLOP':>9}{'sample s':>10}")
     lines = [header, "-" * len(header)]
     for name, r in rows.items():
-        lines.append(f"{name:<28}{r['accuracy']:>10.1%}{r['frechet']:>10.2f}{r['frechet_floor']:>8.2f}"
-                     f"{r['frechet_ratio']:>8.2f}{r['train_seconds']:>9.0f}{r['sample_seconds']:>10.1f}")
+        for label, point in (("fixed", r["fixed"]), ("best", r["best"])):
+            lines.append(f"{name:<28}{label + ' ' + format(point['cfg_scale'], 'g'):>10}{point['accuracy']:>10.1%}"
+                         f"{point['frechet']:>10.2f}{point['frechet_floor']:>8.2f}{point['frechet_ratio']:>8.2f}"
+                         f"{r['train_seconds']:>9.0f}{r['train_flops'] / 1e9:>9.0f}{point['sample_seconds']:>10.1f}")
     return "\n".join(lines)
+
+
+def best_scale(points: list[dict[str, Any]], min_accuracy: float) -> dict[str, Any]:
+    """The point with the lowest Fréchet ratio among those with at least ``min_accuracy`` (all when none has)."""
+    eligible = [p for p in points if p["accuracy"] >= min_accuracy] or points
+    return min(eligible, key=lambda p: p["frechet_ratio"])
 
 
 def demo(cfg: DemoConfig) -> DemoResult:
@@ -130,26 +151,50 @@ def _train_vae(cfg: DemoConfig, run_dir: Path) -> TokenizerTrainResult:
     ))
 
 
-def _train_and_score(cfg: DemoConfig, key: str, preset: str, phase: int, run_dir: Path, vae: TokenizerTrainResult,
-                     evaluator: DigitsEvaluator, labels: torch.Tensor, grid_index: torch.Tensor) -> dict[str, float]:
-    """Train one generator on the σ-VAE latents, sample ``labels``, write its grid, score the samples."""
-    print(f"[{phase}/4] {preset}: {cfg.steps} steps on σ-VAE latents, then {len(labels)} samples "
-          f"(CFG {cfg.sampler.cfg_scale}, {cfg.sampler.num_steps} solver steps)", flush=True)
-    t = time.perf_counter()
-    result = train(_train_config(cfg, preset, run_dir / key, vae.tokenizer_path.resolve()))
-    train_seconds = time.perf_counter() - t
-    t = time.perf_counter()
-    model = result.ema.eval()
+@torch.no_grad()
+def _guidance_sweep(cfg: DemoConfig, model: torch.nn.Module, vae: TokenizerTrainResult, evaluator: DigitsEvaluator,
+                    labels: torch.Tensor) -> tuple[list[dict[str, Any]], dict[float, torch.Tensor]]:
+    """Samples for ``labels`` at every scale of ``cfg.cfg_scales`` (and the fixed one), scored:
+    ``(points, images by scale)``; a point holds the scale, the scores and the seconds its samples took."""
     device = next(model.parameters()).device
-    latents = model.generate(labels.to(device), sampler=cfg.sampler, seed=cfg.seed, progress=cfg.progress)
-    with torch.no_grad():
-        images = vae.tokenizer.to(device).decode(latents.float()).cpu()  # (N, 3, S, S) in [-1, 1]
-    sample_seconds = time.perf_counter() - t
-    make_grid(images[grid_index.flatten()], rows=10, row_labels=[str(c) for c in range(10)]).save(
-        run_dir / f"{key}_grid.png")
-    score = evaluator.score(images, labels)
-    return {**score.as_dict(), "train_seconds": train_seconds, "sample_seconds": sample_seconds,
-            "final_loss": result.losses[-1]}
+    points, images = [], {}
+    for scale in dict.fromkeys((*cfg.cfg_scales, cfg.sampler.cfg_scale)):
+        t = time.perf_counter()
+        sampler = dataclasses.replace(cfg.sampler, cfg_scale=scale)
+        latents = model.generate(labels.to(device), sampler=sampler, seed=cfg.seed)
+        images[scale] = vae.tokenizer.to(device).decode(latents.float()).cpu()  # (N, 3, S, S) in [-1, 1]
+        score = evaluator.score(images[scale], labels)
+        points.append({"cfg_scale": scale, **score.as_dict(), "sample_seconds": time.perf_counter() - t})
+    return points, images
+
+
+def _train_and_score(cfg: DemoConfig, key: str, preset: str, steps: int, phase: str, run_dir: Path,
+                     vae: TokenizerTrainResult, evaluator: DigitsEvaluator, labels: torch.Tensor,
+                     grid_index: torch.Tensor) -> dict[str, Any]:
+    """Train one generator on the σ-VAE latents, sweep the guidance scale, write its grid at the best scale."""
+    print(f"[{phase}] {preset}: {steps} steps on σ-VAE latents, then {len(labels)} samples at each CFG scale "
+          f"{', '.join(f'{s:g}' for s in cfg.cfg_scales)} ({cfg.sampler.num_steps} solver steps)", flush=True)
+    t = time.perf_counter()
+    result = train(_train_config(cfg, preset, steps, run_dir / key, vae.tokenizer_path.resolve()))
+    train_seconds = time.perf_counter() - t
+    points, images = _guidance_sweep(cfg, result.ema.eval(), vae, evaluator, labels)
+    best = best_scale([p for p in points if p["cfg_scale"] in cfg.cfg_scales], cfg.min_accuracy)
+    make_grid(images[best["cfg_scale"]][grid_index.flatten()], rows=10, row_labels=[str(c) for c in range(10)]
+              ).save(run_dir / f"{key}_grid.png")
+    fixed = next(p for p in points if p["cfg_scale"] == cfg.sampler.cfg_scale)
+    return {"steps": steps, "train_flops": training_flops(result.model.config, cfg.batch_size) * steps,
+            "train_seconds": train_seconds, "final_loss": result.losses[-1], "sweep": points, "fixed": fixed,
+            "best": best, "model_config": to_dict(result.model.config)}
+
+
+def _dit_steps(cfg: DemoConfig, latentlm: dict[str, Any]) -> int:
+    """DiT's steps: ``cfg.dit_steps``, else as many as give it LatentLM's training FLOPs."""
+    if cfg.dit_steps is not None:
+        return cfg.dit_steps
+    model = from_dict(ModelConfig, latentlm["model_config"])
+    dit = get_config(cfg.dit_model, in_channels=model.in_channels, input_size=model.input_size,
+                     num_classes=model.num_classes)
+    return max(1, round(latentlm["train_flops"] / training_flops(dit, cfg.batch_size)))
 
 
 def _demo(cfg: DemoConfig) -> DemoResult:
@@ -180,12 +225,15 @@ def _demo(cfg: DemoConfig) -> DemoResult:
         real_floor = evaluator.floor(train_set.labels)  # all training digits vs all test digits
         timings["classifier"] = time.perf_counter() - t
 
-        # 3-4. LatentLM and DiT on the same latents --------------------------------------------------------
-        rows: dict[str, dict[str, float]] = {}
-        for phase, (key, preset) in enumerate((("latentlm", cfg.latentlm_model), ("dit", cfg.dit_model)), start=3):
-            row = _train_and_score(cfg, key, preset, phase, run_dir, vae, evaluator, labels, grid_index)
-            rows[f"{key} ({preset})"] = row
-            timings[key] = row["train_seconds"] + row["sample_seconds"]
+        # 3-4. LatentLM, then DiT at the same training FLOPs, on the same latents ------------------------
+        rows: dict[str, dict[str, Any]] = {}
+        common = (run_dir, vae, evaluator, labels, grid_index)
+        t = time.perf_counter()
+        latentlm = _train_and_score(cfg, "latentlm", cfg.latentlm_model, cfg.steps, "3/4", *common)
+        rows[f"latentlm ({cfg.latentlm_model})"], timings["latentlm"] = latentlm, time.perf_counter() - t
+        t = time.perf_counter()
+        dit = _train_and_score(cfg, "dit", cfg.dit_model, _dit_steps(cfg, latentlm), "4/4", *common)
+        rows[f"dit ({cfg.dit_model})"], timings["dit"] = dit, time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
 
     # Report ------------------------------------------------------------------------------------------
@@ -204,7 +252,12 @@ def _demo(cfg: DemoConfig) -> DemoResult:
     print("\n" + table)
     print(f"\nclassifier on the real test digits: {real_accuracy:.1%} accuracy. floor: Fréchet distance of "
           f"{len(labels)} real training digits to the test digits (all {len(train_set)}: {real_floor:.2f})")
-    print(f"grids: {run_dir / 'latentlm_grid.png'}  {run_dir / 'dit_grid.png'}")
+    save_sweep_plot([SweepPoint(name, "", dataclasses.replace(cfg.sampler, cfg_scale=p["cfg_scale"]), "",
+                                {"digits_frechet_ratio": p["frechet_ratio"], "digits_accuracy": p["accuracy"]})
+                     for name, row in rows.items() for p in row["sweep"] if p["cfg_scale"] in cfg.cfg_scales],
+                    run_dir / "guidance.png", "digits_frechet_ratio", "digits_accuracy")
+    print(f"grids (at the best scale): {run_dir / 'latentlm_grid.png'}  {run_dir / 'dit_grid.png'}; "
+          f"guidance sweep: {run_dir / 'guidance.png'}")
     print(f"reconstructions: {run_dir / 'sigma_vae' / 'recon.png'}; loss curves: */loss.png")
     print(f"metrics: {run_dir / 'metrics.json'}   total {timings['total']:.0f} s")
     return DemoResult(run_dir=run_dir, metrics=metrics, table=table)
