@@ -36,6 +36,7 @@ from latentlm.config import (
     ConfigError,
     DemoConfig,
     EvaluateConfig,
+    ImportReferenceConfig,
     ModelConfig,
     ReferenceStatsConfig,
     SampleConfig,
@@ -89,6 +90,8 @@ COMMANDS: dict[str, Command] = {
     "cache-latents": Command(CacheLatentsConfig, _module("cache_latents"),
                              "encode a dataset once into latent shards (image + flip moments): multi-process, "
                              "resumable"),
+    "import-reference": Command(ImportReferenceConfig, _module("import_reference"),
+                                "a checkpoint of the reference LatentLM code (+ its tokenizer) -> a latentlm run"),
     "vae-roundtrip": Command(VaeRoundtripConfig, _module("vae_roundtrip"),
                              "encode + decode images with a tokenizer file: side-by-side PNG, PSNR and SSIM"),
 }

@@ -140,6 +140,8 @@ class SamplerConfig:
 # ---------------------------------------------------------------------------------------------
 
 ModelFamily = Literal["latentlm", "dit"]
+RopeFrequencies = Literal["geometric", "linspace"]
+PositionTable = Literal["sincos", "mae"]
 
 
 @dataclass
@@ -165,6 +167,11 @@ class ModelConfig:
     mlp_ratio: float = 6.0  # SwiGLU hidden = int(D * mlp_ratio * 2/3 / 64) * 64 unless ffn_hidden_size
     ffn_hidden_size: int | None = None  # explicit SwiGLU hidden size (LatentLM-L uses 2730)
     rope_theta: float = 10000.0  # rotary base (LatentLM only; DiT uses fixed 2-D sin-cos positions)
+    # rotary frequencies: "geometric" theta^(-2i/hd) (standard); "linspace" 1/theta^(i/(hd/2-1)), the reference
+    # LatentLM code's (its interleaved rotation is our rotate-half on permuted q/k weights: see import-reference)
+    rope_frequencies: RopeFrequencies = "geometric"
+    # DiT positions: "sincos" rows first (ours); "mae": columns first in float32, MAE's and the reference code's
+    position_table: PositionTable = "sincos"
     # -- diffusion head (LatentLM only) --
     head_depth: int = 3  # adaLN-Zero MLP blocks in the per-token diffusion head
     batch_mul: int = 4  # head samples (timestep, noise) per token per backbone pass in training
@@ -220,6 +227,8 @@ class ModelConfig:
             raise ConfigError(f"SwiGLU hidden size {self.ffn_dim} < 1: raise mlp_ratio or set ffn_hidden_size")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ConfigError(f"class_dropout_prob={self.class_dropout_prob}: must be in [0, 1)")
+        _choice(self.rope_frequencies, ("geometric", "linspace"), "rope_frequencies")
+        _choice(self.position_table, ("sincos", "mae"), "position_table")
         self.process.validate()
 
 
@@ -760,6 +769,36 @@ class VaeRoundtripConfig:
             raise ConfigError("give image files (--images a.jpg b.png) or a folder to draw from (--folder DIR)")
         if not self.images and not Path(self.folder).is_dir():
             raise ConfigError(f"folder={self.folder}: no such directory")
+
+
+@dataclass
+class ImportReferenceConfig:
+    """`latentlm import-reference`: a checkpoint of the reference LatentLM code (``train_hf.py``'s
+    ``checkpoint-<step>/`` or its run's ``latest`` file) plus its tokenizer file -> a latentlm run directory
+    that ``sample``, ``sample-many``, ``evaluate`` and ``train --resume`` use like any other run."""
+
+    checkpoint: str  # checkpoint-<step> directory, the run's `latest` file, or the run directory holding it
+    tokenizer: str  # the σ-VAE (the reference code's or ours) or KL-16 file the run trained with
+    out: str  # the latentlm run directory to create (must hold no checkpoints yet)
+    preset: str | None = None  # the run's --model (e.g. Transformer-L, DiT-XL): num_heads, and the shapes to check
+    num_heads: int | None = None  # instead of --preset for models outside the presets (not readable from weights)
+    image_size: int = 256  # the run's --image_size: with the tokenizer it fixes the latent grid
+    # The run's DDPM settings (not stored in its checkpoints); train_hf.py's defaults:
+    prediction_type: PredictionType = "epsilon"
+    beta_schedule: BetaSchedule = "cosine"
+    batch_mul: int = 4  # its --ddpm_batch_mul
+
+    def validate(self) -> None:
+        if self.preset is None and self.num_heads is None:
+            raise ConfigError("pass --preset (the run's --model, e.g. Transformer-L) or --num-heads: the number of "
+                              "attention heads cannot be read from the weights")
+        if self.num_heads is not None and self.num_heads < 1:
+            raise ConfigError(f"num_heads={self.num_heads}: must be >= 1")
+        _at_least(self, 1, "image_size", "batch_mul")
+        if not Path(self.checkpoint).exists():
+            raise ConfigError(f"checkpoint={self.checkpoint}: no such file or directory")
+        if not Path(self.tokenizer).is_file():
+            raise ConfigError(f"tokenizer={self.tokenizer}: no such file (the σ-VAE or KL-16 file of the run)")
 
 
 # ---------------------------------------------------------------------------------------------

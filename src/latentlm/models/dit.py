@@ -73,7 +73,10 @@ class DiT(LatentModel):
         """Fixed 2-D sin-cos table (L, D) in float64, per device (never a buffer, so never rounded)."""
         if device not in self._pos:
             grid = self.config.input_size // self.config.patch_size
-            self._pos[device] = sincos_2d(grid, self.config.hidden_size).to(device)
+            table = sincos_2d(grid, self.config.hidden_size, columns_first=self.config.position_table == "mae")
+            if self.config.position_table == "mae":
+                table = table.float().double()  # MAE and the reference code store it as float32
+            self._pos[device] = table.to(device)
         return self._pos[device]
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

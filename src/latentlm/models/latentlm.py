@@ -78,7 +78,7 @@ class LatentLM(LatentModel):
         ``model.to(bf16)`` cannot round them)."""
         if device not in self._rope:
             cos, sin = rope_tables(self.config.seq_len, self.config.hidden_size // self.config.num_heads,
-                                   self.config.rope_theta)
+                                   self.config.rope_theta, self.config.rope_frequencies)
             self._rope[device] = (cos.to(device), sin.to(device))
         return self._rope[device]
 

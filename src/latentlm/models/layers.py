@@ -108,9 +108,18 @@ class LabelEmbedder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def rope_tables(length: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (length, head_dim) in float64 for rotate-half rotary embedding, positions 0..length-1."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+def rope_tables(length: int, head_dim: int, theta: float = 10000.0, frequencies: str = "geometric"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (length, head_dim) in float64 for rotate-half rotary embedding, positions 0..length-1.
+
+    ``frequencies``: "geometric" is the standard theta^(-2i/hd), i < hd/2; "linspace" is the reference
+    LatentLM code's 1 / theta^(i / (hd/2 - 1)), exponents evenly spaced from 0 to 1 (so the last
+    frequency is exactly 1/theta).
+    """
+    if frequencies == "linspace":
+        inv_freq = 1.0 / theta ** torch.linspace(0, 1, head_dim // 2, dtype=torch.float64)  # (hd/2,)
+    else:
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
     angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None]  # (L, hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (L, hd)
     return angles.cos(), angles.sin()
@@ -125,11 +134,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos.to(dtype) + rotated * sin.to(dtype)).to(x.dtype)
 
 
-def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+def sincos_2d(grid: int, dim: int, columns_first: bool = False) -> torch.Tensor:
     """Fixed 2-D sin-cos position table (grid*grid, dim) in raster order, float64.
 
     Dims [0, dim/2) encode the row as [sin(h·ω), cos(h·ω)] and dims [dim/2, dim) the column the same way,
-    ω_k = 10000^(-k/(dim/4)). (MAE's and DiT's table puts the column first: the halves are swapped.)
+    ω_k = 10000^(-k/(dim/4)). ``columns_first`` swaps the halves: MAE's and DiT's table.
     """
     if dim % 4:
         raise ValueError(f"hidden_size={dim} must be divisible by 4 for the 2-D sin-cos embedding")
@@ -141,7 +150,8 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
         out = pos.reshape(-1)[:, None] * omega[None]  # (G*G, D/4)
         return torch.cat([out.sin(), out.cos()], dim=1)  # (G*G, D/2)
 
-    return torch.cat([one_axis(gy), one_axis(gx)], dim=1)  # (G*G, D)
+    halves = (one_axis(gx), one_axis(gy)) if columns_first else (one_axis(gy), one_axis(gx))
+    return torch.cat(halves, dim=1)  # (G*G, D)
 
 
 # ---------------------------------------------------------------------------------------------

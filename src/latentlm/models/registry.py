@@ -23,13 +23,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "Transformer-3B": dict(depth=32, hidden_size=2560, num_heads=20),  # ≈3.68B
     # Paper Table 1: 32 blocks of width 1024, 6-block head, FFN 2730 in backbone and head (≈479M).
     "LatentLM-L": dict(depth=32, hidden_size=1024, num_heads=16, head_depth=6, ffn_hidden_size=2730),
+    # The reference code's own shapes (models/Transformer.py), beside the names it shares with ours above:
+    # B/L/H use mlp_ratio 4 and deeper heads; Transformer-L (32 x 1024, head depth 8, FFN 2688) is not the
+    # paper's LatentLM-L (head depth 6, FFN 2730).
+    "Transformer-B": dict(depth=24, hidden_size=768, num_heads=12, mlp_ratio=4.0, head_depth=6),
+    "Transformer-L": dict(depth=32, hidden_size=1024, num_heads=16, mlp_ratio=4.0, head_depth=8),
+    "Transformer-H": dict(depth=40, hidden_size=1280, num_heads=20, mlp_ratio=4.0, head_depth=12),
+    "Transformer-7B": dict(depth=32, hidden_size=4096, num_heads=32),
+    "Transformer-13B": dict(depth=40, hidden_size=5120, num_heads=40),
     "DiT-Tiny": dict(family="dit", depth=4, hidden_size=128, num_heads=4, mlp_ratio=4.0),
     "DiT-Base": dict(family="dit", depth=12, hidden_size=768, num_heads=12, mlp_ratio=4.0),
     "DiT-Medium": dict(family="dit", depth=24, hidden_size=1024, num_heads=16, mlp_ratio=4.0),
     "DiT-Large": dict(family="dit", depth=24, hidden_size=1536, num_heads=12, mlp_ratio=4.0),
     "DiT-XL": dict(family="dit", depth=24, hidden_size=2048, num_heads=16, mlp_ratio=4.0),
     "DiT-3B": dict(family="dit", depth=32, hidden_size=2560, num_heads=20, mlp_ratio=4.0),
+    "DiT-7B": dict(family="dit", depth=32, hidden_size=4096, num_heads=32, mlp_ratio=4.0),  # the reference's
+    "DiT-13B": dict(family="dit", depth=40, hidden_size=5120, num_heads=40, mlp_ratio=4.0),  # the reference's
 }
+
+# The reference code's preset names (Transformer_models, DiT_models), all of them registered above.
+REFERENCE_PRESETS = ("Transformer-13B", "Transformer-7B", "Transformer-3B", "Transformer-XL", "Transformer-Large",
+                     "Transformer-Medium", "Transformer-Base", "Transformer-H", "Transformer-L", "Transformer-B",
+                     "DiT-13B", "DiT-7B", "DiT-3B", "DiT-XL", "DiT-Large", "DiT-Medium", "DiT-Base")
 
 
 def list_models() -> list[str]:
