@@ -165,7 +165,7 @@ def test_output_format_and_record(reference, checkpoint):
     settings = record["settings"]
     assert settings["checkpoint"] == str(checkpoint.resolve()) and settings["checkpoint_step"] == 7
     assert settings["weights"] == "ema" and settings["seed"] == 5 and settings["num_images"] == 33
-    assert settings["sampler"] == to_dict(SamplerConfig(num_steps=3, cfg_scale=2.0))
+    assert settings["sampler"] == {**to_dict(SamplerConfig(num_steps=3, cfg_scale=2.0)), "fused": "off"}  # auto, on CPU
     assert record["world_size"] == 1 and record["class_names"] == ["c0", "c1", "c2"]
     assert not reference.with_suffix(".shards").exists()  # deleted once assembled
 
