@@ -185,7 +185,7 @@ class ModelConfig:
     # -- diffusion head (LatentLM only) --
     head_depth: int = 3  # adaLN-Zero MLP blocks in the per-token diffusion head
     # SwiGLU hidden size of the head blocks; None = the backbone's (ffn_dim), as the paper's presets.
-    # MAR's head MLP is D -> D: hidden_size gives a MAR-sized head (Transformer-Medium: 455.4M -> 426.9M).
+    # MAR's head MLP is D -> D: hidden_size gives a MAR-sized head (Transformer-Medium: 455.4M -> 427.1M).
     head_ffn_hidden_size: int | None = None
     batch_mul: int = 4  # head samples (timestep, noise) per token per backbone pass in training
     # -- conditioning --

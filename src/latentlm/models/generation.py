@@ -77,13 +77,17 @@ class SampleNoise:
               dtype: torch.dtype = torch.float32) -> Tensor:
         """Standard normal noise (N, *shape): row k from sample k's generator.
 
-        Drawn in float32 on the CPU (so values do not depend on the accelerator), then moved/cast.
+        Drawn in float32 on the CPU (so values do not depend on the accelerator), then moved/cast. To a
+        CUDA device the copy goes through pinned memory without blocking: a plain copy would wait for
+        the GPU to finish its queued work, once per generated token.
         """
         shape = tuple(shape)
         if not self.generators:
             return torch.empty((0, *shape), device=device, dtype=dtype)
-        rows = [torch.randn(shape, generator=g, dtype=torch.float32) for g in self.generators]
-        return torch.stack(rows).to(device=device, dtype=dtype)  # (N, *shape)
+        rows = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in self.generators])
+        if device is not None and torch.device(device).type == "cuda":
+            rows = rows.pin_memory().to(device, non_blocking=True)  # the host allocator keeps it until copied
+        return rows.to(device=device, dtype=dtype)  # (N, *shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +234,9 @@ class FusedHeadSolve:
 
 def compiled(fn: Callable[..., Tensor], fullgraph: bool = True) -> Callable[..., Tensor]:
     """``fn`` through ``torch.compile`` (Inductor, default mode: no CUDA graphs of its own; ``StaticGraph``
-    captures them). ``fullgraph``: a graph break is an error, not a silent split. Shapes are specialised
-    on first use and made dynamic on a second batch size, so a run recompiles at most once more."""
-    return torch.compile(fn, fullgraph=fullgraph, recompile_limit=16)
+    captures them). ``fullgraph``: a graph break is an error, not a silent split into eager pieces.
+    Shapes: specialised on the first call; a second batch size recompiles with the sizes that changed
+    (the batch) symbolic, and that graph then serves every later size (sample-many's smaller last batch
+    of a shard included). ``dynamic=True`` would start symbolic, but then also makes the solver's step
+    counts and coefficients symbolic and still specialises the batch through the head's matmuls."""
+    return torch.compile(fn, fullgraph=fullgraph)
