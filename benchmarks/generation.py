@@ -75,7 +75,7 @@ def naive_token_time(model, labels, sampler: SamplerConfig, position: int) -> fl
 def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    sampler = SamplerConfig(num_steps=args.steps, cfg_scale=args.cfg)
+    sampler = SamplerConfig(num_steps=args.steps, cfg_scale=args.cfg, fused="off")  # the cache alone
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> None:
             torch.manual_seed(0)
             model = build_model(name, input_size=side, num_classes=1000).to(device=device, dtype=dtype).eval()
             labels = torch.arange(args.batch, device=device) % 1000
-            model.generate(labels[:1], SamplerConfig(num_steps=1, cfg_scale=args.cfg))  # warm-up
+            model.generate(labels[:1], SamplerConfig(num_steps=1, cfg_scale=args.cfg, fused="off"))  # warm-up
             cached = timed(lambda m=model, y=labels: m.generate(y, sampler), device)
             naive_cell, speedup = "—", "—"
             if not args.skip_naive and model.config.family == "latentlm":

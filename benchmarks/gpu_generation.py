@@ -22,8 +22,10 @@ sizes (Transformer-Tiny / DiT-Tiny, 16 tokens, 3 steps, fp32) to check the scrip
 
 Phases run in order of priority (correctness, Medium vs DiT-Medium, sample-many LatentLM, Base vs Base,
 sample-many DiT, the narrow head, GQA, eager LatentLM); one whose estimate does not fit in what is left
-of ``--budget-s`` is skipped and listed. Compiling (Inductor, dynamic batch) happens in each model's
-untimed warm-up at batches 2 and 3; every timed ``generate`` includes capturing its CUDA graphs.
+of ``--budget-s`` is skipped and listed, and ``--phases`` runs a selection (a second session can run
+what a first one skipped: ``--phases base sample-many-dit variants``). Compiling (Inductor) happens in
+each model's untimed warm-up (batches 2 and 3, or the one batch size of a variant row); every timed
+``generate`` includes capturing its CUDA graphs.
 
 Results: a table on stdout and ``$OUT/benchmarks/results/<date>-<card>-generation.json``.
 """
@@ -139,7 +141,7 @@ def tiny(kind: str, dev: torch.device, name: str = "Transformer-Tiny", **overrid
 def correctness(s: Session, dev: torch.device) -> None:
     labels = torch.tensor([4, 2, 10, 7], device=dev)
     cases = [("ddpm", dict(sampler="dpm_solver", cfg_scale=2.5, cfg_schedule="linear"), dict(num_kv_heads=2)),
-             ("flow", dict(sampler="heun", cfg_scale=2.5), dict(patch_size=2, input_size=8))]
+             ("flow", dict(sampler="heun", cfg_scale=2.5), dict(patch_size=2, input_size=8))]  # ~15 s of compiling each
     for kind, sampler, overrides in cases:
         model = tiny(kind, dev, **overrides)
         ref_cfg, fused_cfg = (SamplerConfig(num_steps=4, fused=f, **sampler) for f in ("off", "on"))
@@ -221,14 +223,16 @@ def sampler_for(mode: str, steps: int) -> tuple[SamplerConfig, dict[str, Any]]:
 
 
 def measure_model(s: Session, size: dict, name: str, modes: tuple[str, ...], extra: dict[str, Any] | None = None,
-                  label: str | None = None, estimate_s: float = 60.0) -> None:
-    """Rows for one model: every mode at every batch size, one timed ``generate`` each.
+                  label: str | None = None, estimate_s: float = 60.0, batches: tuple[int, ...] | None = None) -> None:
+    """Rows for one model: every mode at every batch size (``batches``, default the size's), one timed
+    ``generate`` each.
 
-    The fused mode first generates at batches 2 and 3 with the same sampler (untimed, ``warmup_s``): the
-    first call compiles, the second recompiles with a symbolic batch, which then serves every timed batch
-    size; the timed calls only capture their CUDA graphs.
+    The fused mode first generates untimed (``warmup_s``) with the same sampler: for several batch sizes
+    at batches 2 and 3 (the first call compiles, the second recompiles with a symbolic batch, which then
+    serves every timed size), for one batch size at that size (one compilation). The timed calls only
+    capture their CUDA graphs.
     """
-    extra, label = extra or {}, label or name
+    extra, label, batches = extra or {}, label or name, batches or size["batches"]
     if not s.has(estimate_s, f"{label} {'/'.join(modes)}"):
         return
     dev = torch.device(size["device"])
@@ -238,13 +242,14 @@ def measure_model(s: Session, size: dict, name: str, modes: tuple[str, ...], ext
     cfg, params = model.config, sum(p.numel() for p in model.parameters())
     for mode in modes:
         sampler, kw = sampler_for(mode, size["steps"])
+        kw = kw if cfg.family == "latentlm" else {}  # DiT has no fixed-shape variant: eager is fused off
         warm_sampler = sampler if mode == "fused" else dataclasses.replace(sampler, num_steps=1)
         warmup = 0.0
-        for n in (2, 3) if mode == "fused" else (2,):
+        for n in ((2, 3) if len(batches) > 1 else batches) if mode == "fused" else (2,):
             labels = torch.arange(n, device=dev)
             warmup += timed(lambda m=model, y=labels, w=warm_sampler, k=kw: m.generate(y, w, **k), dev)
-        for batch in size["batches"]:
-            if mode == "eager" and cfg.family == "latentlm" and batch > size["batches"][0]:
+        for batch in batches:
+            if mode == "eager" and cfg.family == "latentlm" and batch > batches[0]:
                 continue  # eager LatentLM is ~8x slower: its smallest batch tells the story
             labels = torch.arange(batch, device=dev) % cfg.num_classes
             secs = timed(lambda m=model, y=labels, w=sampler, k=kw: m.generate(y, w, **k), dev)
@@ -304,13 +309,15 @@ def throughput_base(s: Session, size: dict) -> None:
 
 
 def throughput_variants(s: Session, size: dict) -> None:
-    lm_m = size["medium"][0]
+    """At the middle batch size only (one compilation each): the MAR-sized head, GQA, and eager LatentLM."""
+    lm_m, batch = size["medium"][0], size["batches"][len(size["batches"]) // 2]
     width = 64 if s.dry else 1024  # MAR's head MLP is D -> D
     s.guarded("throughput narrow head", measure_model, s, size, lm_m, ("fused",), {"head_ffn_hidden_size": width},
-              f"{slot(s, lm_m, 'Medium')} (head FFN {width})", 100)
+              f"{slot(s, lm_m, 'Medium')} (head FFN {width})", 70, (batch,))
     s.guarded("throughput GQA", measure_model, s, size, lm_m, ("fused",), {"num_kv_heads": 4 if not s.dry else 2},
-              f"{slot(s, lm_m, 'Medium')} (GQA)", 100)
-    s.guarded("throughput Medium eager", measure_model, s, size, lm_m, ("eager",), None, slot(s, lm_m, "Medium"), 30)
+              f"{slot(s, lm_m, 'Medium')} (GQA)", 70, (batch,))
+    s.guarded("throughput Medium eager", measure_model, s, size, lm_m, ("eager",), None, slot(s, lm_m, "Medium"), 30,
+              size["batches"][:1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,11 +449,34 @@ def write_results(s: Session, env: dict[str, Any], out: Path, command: str) -> P
     return path
 
 
+def sample_many_phase(family: str):
+    def phase(s: Session, size: dict) -> None:
+        preset = size["medium"][0 if family == "latentlm" else 1]
+        if s.has(130 if family == "latentlm" else 100, f"sample-many {preset}"):
+            with tempfile.TemporaryDirectory() as tmp:  # the .npz files stay on the machine, not under OUT
+                s.guarded(f"sample-many {preset}", sample_many_e2e, s, size, family, preset, Path(tmp))
+
+    return phase
+
+
+def checks(s: Session, size: dict) -> None:
+    dev = torch.device(size["device"])
+    s.guarded("correctness", correctness, s, dev)
+    s.extra["attention"] = [r for r in (s.guarded("attention probe", attention_probe, s, dev, size["dtype"], b, kv)
+                                        for b, kv in ((64, 16), (64, 4), (256, 16))) if r is not None]
+
+
+# In order of priority; --phases picks some (e.g. a second session for what the first one skipped).
+PHASES = {"checks": checks, "medium": throughput, "sample-many-latentlm": sample_many_phase("latentlm"),
+          "base": throughput_base, "sample-many-dit": sample_many_phase("dit"), "variants": throughput_variants}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry", action="store_true", help="tiny sizes on the CPU: check the script end to end")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="results go to OUT/benchmarks/results/")
     parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting phases after this many seconds")
+    parser.add_argument("--phases", nargs="+", choices=list(PHASES), default=list(PHASES), help="what to run")
     args = parser.parse_args()
     size = SIZES["dry" if args.dry else "real"]
     dev = torch.device(size["device"])
@@ -454,17 +484,8 @@ def main() -> None:
         sys.exit("gpu_generation needs a CUDA device (or --dry)")
     s, env = Session(args.budget_s, args.dry), environment(dev)
     print(f"# {json.dumps(env)}", flush=True)
-    s.guarded("correctness", correctness, s, dev)
-    s.extra["attention"] = [r for r in (s.guarded("attention probe", attention_probe, s, dev, size["dtype"], b, kv)
-                                        for b, kv in ((64, 16), (64, 4), (256, 16))) if r is not None]
-    throughput(s, size)
-    with tempfile.TemporaryDirectory() as tmp:  # the .npz files stay on the machine, not under OUT
-        if s.has(90, "sample-many LatentLM"):
-            s.guarded("sample-many LatentLM", sample_many_e2e, s, size, "latentlm", size["medium"][0], Path(tmp))
-        throughput_base(s, size)
-        if s.has(100, "sample-many DiT"):
-            s.guarded("sample-many DiT", sample_many_e2e, s, size, "dit", size["medium"][1], Path(tmp))
-    throughput_variants(s, size)
+    for name in args.phases:
+        PHASES[name](s, size)
     path = write_results(s, env, Path(args.out), " ".join(["python", *sys.argv]))
     failed = [c["name"] for c in s.checks if not c["ok"]]
     print(f"\nwrote {path}; {len(s.checks) - len(failed)} checks passed, failed: {failed}, errors: {s.errors}, "
