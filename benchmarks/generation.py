@@ -10,6 +10,14 @@ method. The head's solver work (steps x 2 for CFG) is identical in both; only th
 For large models on CPU the full-prefix method is quadratic and slow; ``--naive-positions K``
 times K evenly spaced tokens and integrates (cost per token is linear in the prefix length), which
 the table marks ``est.``.
+
+``--fused`` prints a second table instead: the reference path (``sampler.fused="off"``) against the
+fused path (``"on"``: ``FusedHeadSolve`` + ``torch.compile`` of the solve and of the backbone step), at
+each ``--batches`` size. The first fused call per batch size compiles and is not timed; then the two
+paths alternate ``--repeats`` times (interleaved, so a busy machine slows both alike) and the medians
+are compared:
+
+    .venv/bin/python benchmarks/generation.py --fused --lengths 64 --batches 1 8 --repeats 3
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import statistics
 import time
 
 import torch
@@ -66,7 +75,7 @@ def naive_token_time(model, labels, sampler: SamplerConfig, position: int) -> fl
 def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    sampler = SamplerConfig(num_steps=args.steps, cfg_scale=args.cfg)
+    sampler = SamplerConfig(num_steps=args.steps, cfg_scale=args.cfg, fused="off")  # the cache alone
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
@@ -79,7 +88,7 @@ def run(args: argparse.Namespace) -> None:
             torch.manual_seed(0)
             model = build_model(name, input_size=side, num_classes=1000).to(device=device, dtype=dtype).eval()
             labels = torch.arange(args.batch, device=device) % 1000
-            model.generate(labels[:1], SamplerConfig(num_steps=1, cfg_scale=args.cfg))  # warm-up
+            model.generate(labels[:1], SamplerConfig(num_steps=1, cfg_scale=args.cfg, fused="off"))  # warm-up
             cached = timed(lambda m=model, y=labels: m.generate(y, sampler), device)
             naive_cell, speedup = "—", "—"
             if not args.skip_naive and model.config.family == "latentlm":
@@ -91,6 +100,33 @@ def run(args: argparse.Namespace) -> None:
                 speedup = f"{naive / cached:.2f}x"
             print(f"| {name} | {L} | {cached:.2f} | {naive_cell} | {speedup} | {args.batch / cached:.2f} "
                   f"| {args.batch * L / cached:.1f} |", flush=True)
+
+
+def run_fused(args: argparse.Namespace) -> None:
+    """Median seconds of generate with fused "off" and "on", interleaved, after an untimed compiling call."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads "
+          f"{torch.get_num_threads()}, device {device}, {args.dtype}, {args.steps} DPM-Solver++ steps, CFG {args.cfg}, "
+          f"{args.repeats} interleaved repeats (medians)")
+    print("| model | L | batch | reference (s) | fused (s) | speed-up | fused images/s | compile + first call (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        for L in args.lengths:
+            torch.manual_seed(0)
+            model = build_model(name, input_size=int(math.isqrt(L)), num_classes=1000).to(device, dtype).eval()
+            for batch in args.batches:
+                labels = torch.arange(batch, device=device) % 1000
+                samplers = {mode: SamplerConfig(num_steps=args.steps, cfg_scale=args.cfg, fused=mode)
+                            for mode in ("off", "on")}
+                first = timed(lambda m=model, y=labels, s=samplers["on"]: m.generate(y, s), device)  # compiles
+                times: dict[str, list[float]] = {"off": [], "on": []}
+                for _ in range(args.repeats):
+                    for mode in ("off", "on"):
+                        times[mode].append(timed(lambda m=model, y=labels, s=samplers[mode]: m.generate(y, s), device))
+                ref, fused = (statistics.median(times[m]) for m in ("off", "on"))
+                print(f"| {name} | {L} | {batch} | {ref:.2f} | {fused:.2f} | {ref / fused:.2f}x | {batch / fused:.2f} "
+                      f"| {first:.1f} |", flush=True)
+            torch.compiler.reset()  # the next model compiles afresh (and this one's graphs are freed)
 
 
 def main() -> None:
@@ -105,11 +141,14 @@ def main() -> None:
     parser.add_argument("--skip-naive", action="store_true", help="time only the KV-cached method")
     parser.add_argument("--naive-positions", type=int, default=0,
                         help="time this many evenly spaced tokens of the full-prefix method (0: all)")
+    parser.add_argument("--fused", action="store_true", help="reference vs fused generation instead (see above)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="--fused: batch sizes")
+    parser.add_argument("--repeats", type=int, default=3, help="--fused: interleaved timed runs per path")
     args = parser.parse_args()
     for L in args.lengths:
         if math.isqrt(L) ** 2 != L:
             parser.error(f"--lengths {L}: must be a square (a side x side latent grid)")
-    run(args)
+    run_fused(args) if args.fused else run(args)
 
 
 if __name__ == "__main__":

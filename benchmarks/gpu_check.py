@@ -60,7 +60,7 @@ def correctness(dev: torch.device) -> None:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        s = SamplerConfig(num_steps=8, cfg_scale=2.0)
+        s = SamplerConfig(num_steps=8, cfg_scale=2.0, fused="off")
         labels = torch.tensor([3, 1, 2], device=dev)
         a, b = model.generate(labels, s, seed=7), model.generate(labels, s, seed=7)
         check(f"{name} rerun bit-identical", torch.equal(a, b), f"max diff {(a - b).abs().max().item():.1e}")
@@ -69,7 +69,7 @@ def correctness(dev: torch.device) -> None:
         check(f"{name} batch-independent", diff < 1e-4, f"max diff {diff:.1e}")
         if name.startswith("Transformer"):
             for sch in ("constant", "linear"):
-                s2 = SamplerConfig(num_steps=8, cfg_scale=2.0, cfg_schedule=sch)
+                s2 = SamplerConfig(num_steps=8, cfg_scale=2.0, cfg_schedule=sch, fused="off")
                 eager = model.generate(labels, s2, seed=7, static=False)
                 graphed = model.generate(labels, s2, seed=7)  # CUDA graphs by default on CUDA
                 diff = (eager - graphed).abs().max().item()
@@ -105,7 +105,7 @@ def time_generate(model, batch: int, sampler: SamplerConfig, **kw) -> float:
 
 
 def throughput(dev: torch.device) -> None:
-    sampler = SamplerConfig(num_steps=20, cfg_scale=1.65)
+    sampler = SamplerConfig(num_steps=20, cfg_scale=1.65, fused="off")  # the fused path: gpu_generation.py
     print(f"\n{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, bf16, 256 tokens, "
           f"20 DPM-Solver++ steps, CFG on (SDPA attention)")
     print("| model | params | mode | batch | s / batch | images/s |")
@@ -121,7 +121,7 @@ def throughput(dev: torch.device) -> None:
         kw = {"static": False} if mode == "eager" and name.startswith("Transformer") else {}
         label = name + (f" (GQA kv={extra['num_kv_heads']})" if extra else "")
         n = sum(p.numel() for p in model.parameters())
-        time_generate(model, 8, SamplerConfig(num_steps=2, cfg_scale=1.65), **kw)  # warm-up
+        time_generate(model, 8, SamplerConfig(num_steps=2, cfg_scale=1.65, fused="off"), **kw)  # warm-up
         for batch in batches:
             secs = time_generate(model, batch, sampler, **kw)
             rates[(label, mode, batch)] = batch / secs

@@ -21,6 +21,7 @@ from latentlm.diffusion import (
     ddpm_sample,
     dpm_solver_sample,
     euler_sample,
+    evaluation_times,
     guidance_combine,
     guidance_scale_at,
     heun_sample,
@@ -393,6 +394,22 @@ def test_sample_dispatches_to_the_named_sampler():
         sample(cos, smooth_denoiser, x_T, SamplerConfig(sampler="ddpm", num_steps=9), randn=noise_a.randn),
         ddpm_sample(cos, smooth_denoiser, x_T, 9, noise_b.randn),
     )
+
+
+@pytest.mark.parametrize("kind,name,order", [("ddpm", "dpm_solver", 1), ("ddpm", "dpm_solver", 2), ("ddpm", "ddim", 2),
+                                             ("ddpm", "ddpm", 2), ("flow", "euler", 2), ("flow", "heun", 2)])
+@pytest.mark.parametrize("num_steps", [1, 2, 7, 20])
+def test_evaluation_times_are_the_times_each_sampler_calls(kind, name, order, num_steps):
+    """The fused head solve looks modulations up by call number: the grid must be the sampler's, in order."""
+    process = build_process(ProcessConfig(kind=kind, num_train_timesteps=1000 if kind == "ddpm" else 500))
+    cfg = SamplerConfig(sampler=name, num_steps=num_steps, solver_order=order)
+    recorder = Recorder(smooth_denoiser)
+    sample(process, recorder, noise((3, 4)).float(), cfg, randn=SampleNoise(0, range(3)).randn)
+    called = [t for _, t in recorder.calls]
+    expected = evaluation_times(process, cfg)
+    assert len(called) == len(expected) == (2 * num_steps if name == "heun" else num_steps)
+    for t, value in zip(called, expected, strict=True):
+        assert t.dtype == torch.float32 and torch.equal(t, torch.full((3,), value, dtype=torch.float32))
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,8 @@ CUDA_SDPA_RULES = {
 BASE = dict(in_channels=4, input_size=8, num_classes=10, depth=2, hidden_size=64, num_heads=4, head_depth=2)
 CASES = {
     "latentlm-mha-p1-m4": ("Transformer-Tiny", dict(batch_mul=4)),
-    "latentlm-gqa-p2-m1": ("Transformer-Tiny", dict(num_kv_heads=2, patch_size=2, batch_mul=1, ffn_hidden_size=96)),
+    "latentlm-gqa-p2-m1": ("Transformer-Tiny", dict(num_kv_heads=2, patch_size=2, batch_mul=1, ffn_hidden_size=96,
+                                                    head_ffn_hidden_size=32)),  # a head narrower than the backbone
     "latentlm-mqa-p1-m2": ("Transformer-Tiny", dict(num_kv_heads=1, batch_mul=2)),
     "dit-mha-p1": ("DiT-Tiny", {}),
     "dit-gqa-p2": ("DiT-Tiny", dict(num_kv_heads=2, patch_size=2)),

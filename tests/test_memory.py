@@ -28,15 +28,17 @@ BASE = dict(in_channels=4, input_size=8, num_classes=10, hidden_size=64, num_hea
 CASES = {
     "latentlm-mha-p1-m2": ("Transformer-Tiny", dict(head_depth=2, batch_mul=2)),
     "latentlm-gqa-p2-m4": ("Transformer-Tiny", dict(num_kv_heads=2, patch_size=2, batch_mul=4)),
+    "latentlm-narrow-head": ("Transformer-Tiny", dict(head_depth=2, batch_mul=2, head_ffn_hidden_size=64)),
     "dit-mha-p1": ("DiT-Tiny", {}),
     "dit-mqa-p2": ("DiT-Tiny", dict(num_kv_heads=1, patch_size=2)),
 }
 MODES = ("fp32", "autocast-bf16", "bf16-weights")
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_param_counts_equal_the_models(name):
-    cfg = get_config(name)
+@pytest.mark.parametrize("name,extra", [(name, {}) for name in list_models()]
+                         + [("Transformer-Medium", {"head_ffn_hidden_size": 1024})])  # a MAR-sized head
+def test_param_counts_equal_the_models(name, extra):
+    cfg = get_config(name, **extra)
     with torch.device("meta"):  # no memory: the 3B presets are built in milliseconds
         model = model_from_config(cfg)
     counts = param_counts(cfg)

@@ -246,3 +246,34 @@ def test_static_shape_generation_equals_dynamic(overrides):
         assert (dynamic - fixed).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="static=True needs"):
         model.generate(labels, sampler(sampler="ddpm"), static=True)
+
+
+def reference_flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal):
+    """flash-attn 2's documented ``flash_attn_with_kvcache`` contract in plain torch, for one new token: write
+    k, v (B, 1, Hkv, hd) at row cache_seqlens[b] of the (B, L, Hkv, hd) caches in place, attend q (B, 1, H, hd)
+    to rows 0..cache_seqlens[b], kv heads shared by consecutive groups of query heads."""
+    assert q.shape[1] == 1 and causal and cache_seqlens.dtype == torch.int32 and k_cache.stride(-1) == 1
+    out = []
+    for b, n in enumerate(cache_seqlens.tolist()):
+        k_cache[b, n], v_cache[b, n] = k[b, 0], v[b, 0]
+        group = q.shape[2] // k_cache.shape[2]
+        keys = k_cache[b, : n + 1].repeat_interleave(group, dim=1).transpose(0, 1)  # (H, n+1, hd)
+        values = v_cache[b, : n + 1].repeat_interleave(group, dim=1).transpose(0, 1)
+        out.append(torch.nn.functional.scaled_dot_product_attention(q[b].transpose(0, 1), keys, values))  # (H, 1, hd)
+    return torch.stack(out).transpose(1, 2)  # (B, 1, H, hd)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_kv_heads": 2}], ids=["mha", "gqa"])
+def test_flash_kvcache_step_equals_sdpa_step(monkeypatch, overrides):
+    """The fixed-shape step's flash-attn 2 path (taken on CUDA when it imports) against the SDPA path, with
+    flash_attn_with_kvcache replaced by its documented contract: layouts, cache writes and seqlens."""
+    import latentlm.models.layers as layers
+
+    model = perturbed(tiny(**overrides))
+    labels = torch.tensor([4, 2, 10])
+    s = sampler(cfg_scale=2.5, fused="off")
+    masked = model.generate(labels, s, seed=5, static=True)
+    monkeypatch.setattr(layers, "flash_kvcache_usable", lambda x: True)
+    monkeypatch.setattr(layers, "_flash_attn_kvcache", lambda: reference_flash_attn_with_kvcache)
+    flash = model.generate(labels, s, seed=5, static=True)
+    assert (masked - flash).abs().max().item() < 1e-5 and masked.abs().max() > 0.1

@@ -165,7 +165,7 @@ def test_output_format_and_record(reference, checkpoint):
     settings = record["settings"]
     assert settings["checkpoint"] == str(checkpoint.resolve()) and settings["checkpoint_step"] == 7
     assert settings["weights"] == "ema" and settings["seed"] == 5 and settings["num_images"] == 33
-    assert settings["sampler"] == to_dict(SamplerConfig(num_steps=3, cfg_scale=2.0))
+    assert settings["sampler"] == {**to_dict(SamplerConfig(num_steps=3, cfg_scale=2.0)), "fused": "off"}  # auto, on CPU
     assert record["world_size"] == 1 and record["class_names"] == ["c0", "c1", "c2"]
     assert not reference.with_suffix(".shards").exists()  # deleted once assembled
 
@@ -183,6 +183,27 @@ def test_rerun_is_a_noop_and_other_settings_are_refused(reference, checkpoint):
     assert result.generated == [] and result.skipped == list(range(6))
     with pytest.raises(ConfigError, match="other settings.*seed"):
         sample_many(small_config(checkpoint, reference, seed=6))
+
+
+def test_fused_switch_is_part_of_the_settings(reference, checkpoint, tmp_path):
+    """``sampler.fused`` rounds differently, so it names the output's bits: recorded as it resolves on the
+    device ("auto" is off on CPU); records from before the switch existed took the reference path (off)."""
+    record_path = reference.with_suffix(".json")
+    original = record_path.read_text()
+    record = json.loads(original)
+    assert record["settings"]["sampler"]["fused"] == "off"
+    del record["settings"]["sampler"]["fused"]
+    record_path.write_text(json.dumps(record))
+    try:
+        assert sample_many(small_config(checkpoint, reference)).generated == []  # the same settings
+        for fused in ("off", "auto"):
+            sampler = SamplerConfig(num_steps=3, cfg_scale=2.0, fused=fused)
+            assert sample_many(small_config(checkpoint, reference, sampler=sampler)).generated == []
+        with pytest.raises(ConfigError, match="other settings.*sampler"):
+            sample_many(small_config(checkpoint, reference, sampler=SamplerConfig(num_steps=3, cfg_scale=2.0,
+                                                                                  fused="on")))
+    finally:
+        record_path.write_text(original)
 
 
 def test_bad_options_are_refused(checkpoint, tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from latentlm.checkpoint import Checkpoint, list_checkpoints, load_checkpoint
-from latentlm.config import ConfigError
+from latentlm.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, load_trained
+from latentlm.config import ConfigError, ModelConfig, from_dict, to_dict
 from latentlm.data import ImageFolder
 from latentlm.models import get_config
 from latentlm.training.loop import ShardedBatchSampler, TrainingDiverged, ema_decay_at
@@ -77,6 +77,28 @@ def test_resume_refuses_changed_architecture(tmp_path, data, caplog):
     with caplog.at_level(logging.WARNING, logger="latentlm"):
         assert train(other).step == 4
     assert "class_dropout_prob: 0.1 -> 0.2" in caplog.text
+
+
+def test_head_ffn_hidden_size_round_trips_through_checkpoints(tmp_path, data):
+    """A narrower head trains, is saved with its width, loads for sampling and resumes; another width is an
+    architecture change; checkpoints written before the field existed load with the backbone's width."""
+    cfg = tiny_config(tmp_path, data, max_steps=4, stop_at_step=2)
+    cfg.model = dataclasses.replace(cfg.model, head_ffn_hidden_size=16)
+    first = train(cfg)
+    trained = load_trained(first.checkpoint, device="cpu")
+    assert trained.model.config.head_ffn_hidden_size == 16 and trained.model.config.head_ffn_dim == 16
+    assert trained.model.head.blocks[0].mlp.w2.weight.shape == (32, 16)
+    assert trained.model.blocks[0].mlp.w2.weight.shape == (32, cfg.model.ffn_dim)  # the backbone keeps its own
+    assert_states_equal(trained.model.state_dict(), load_checkpoint(first.checkpoint).ema, "ema")
+    resumed = dataclasses.replace(cfg, stop_at_step=None, resume="auto")
+    assert train(resumed).step == 4
+    wider = dataclasses.replace(resumed, max_steps=6)
+    wider.model = dataclasses.replace(cfg.model, head_ffn_hidden_size=None)
+    with pytest.raises(ConfigError, match=r"different architecture \(head_ffn_hidden_size: 16 -> None\)"):
+        train(wider)
+    saved = from_dict(ModelConfig, {k: v for k, v in to_dict(get_config("Transformer-Tiny")).items()
+                                    if k != "head_ffn_hidden_size"})  # an older checkpoint's config
+    assert saved.head_ffn_hidden_size is None and saved.head_ffn_dim == saved.ffn_dim
 
 
 def test_resume_takes_optimizer_settings_from_the_config(tmp_path, data, caplog):

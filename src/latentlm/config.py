@@ -86,6 +86,7 @@ class ProcessConfig:
 
 SamplerName = Literal["dpm_solver", "ddim", "ddpm", "euler", "heun"]
 CfgSchedule = Literal["constant", "linear"]
+FusedMode = Literal["auto", "on", "off"]
 # The samplers each process can be solved with, and the DPM-Solver++ orders offered.
 SAMPLERS = {"ddpm": ("dpm_solver", "ddim", "ddpm"), "flow": ("euler", "heun")}
 DPM_SOLVER_ORDERS = (1, 2)
@@ -103,11 +104,23 @@ class SamplerConfig:
     # (MAR's schedule: weak guidance for the first tokens, full guidance for the last).
     cfg_schedule: CfgSchedule = "constant"
     temperature: float = 1.0  # scales the initial noise (and the ancestral noise of the ddpm sampler)
+    # LatentLM: each token's whole solver run and the KV-cached backbone step through torch.compile (and, on
+    # CUDA, replayed as CUDA graphs), with the head's timestep embeddings and modulations computed once per
+    # call / token; DiT: its denoiser through torch.compile. "auto": on for CUDA with a deterministic sampler,
+    # off elsewhere (compiling takes ~a minute, needs a C++ compiler on CPU). Changes float rounding, never the
+    # math, so it is part of the sample-many settings.
+    fused: FusedMode = "auto"
 
     @property
     def guided(self) -> bool:
         """Whether sampling runs the null-class pass: guidance is a no-op only at constant scale 1."""
         return self.cfg_scale != 1.0 or self.cfg_schedule != "constant"
+
+    def fused_on(self, device_type: str) -> bool:
+        """Whether ``generate`` on a device of this type (``torch.device.type``) takes the fused path."""
+        if self.fused == "auto":
+            return device_type == "cuda" and self.sampler != "ddpm"
+        return self.fused == "on"
 
     def validate(self, model: ModelConfig) -> None:
         """Raise ``ConfigError`` when these settings cannot sample a model of ``model``.
@@ -127,6 +140,10 @@ class SamplerConfig:
         if self.solver_order not in DPM_SOLVER_ORDERS:
             raise ConfigError(f"sampler: solver_order={self.solver_order}: must be one of {DPM_SOLVER_ORDERS}")
         _choice(self.cfg_schedule, ("constant", "linear"), "sampler.cfg_schedule")
+        _choice(self.fused, ("auto", "on", "off"), "sampler.fused")
+        if self.fused == "on" and self.sampler == "ddpm":
+            raise ConfigError("sampler.fused='on' needs a deterministic sampler: 'ddpm' draws noise inside the solver "
+                              "loop; use --sampler.fused auto/off or another sampler")
         if model.family == "dit" and self.cfg_schedule != "constant":
             raise ConfigError(f"sampler.cfg_schedule={self.cfg_schedule!r} follows LatentLM's token order; "
                               "DiT allows only 'constant'")
@@ -174,6 +191,9 @@ class ModelConfig:
     position_table: PositionTable = "sincos"
     # -- diffusion head (LatentLM only) --
     head_depth: int = 3  # adaLN-Zero MLP blocks in the per-token diffusion head
+    # SwiGLU hidden size of the head blocks; None = the backbone's (ffn_dim), as the paper's presets.
+    # MAR's head MLP is D -> D: hidden_size gives a MAR-sized head (Transformer-Medium: 455.4M -> 427.1M).
+    head_ffn_hidden_size: int | None = None
     batch_mul: int = 4  # head samples (timestep, noise) per token per backbone pass in training
     # -- conditioning --
     class_dropout_prob: float = 0.1  # training labels replaced by the null class (enables CFG)
@@ -196,10 +216,15 @@ class ModelConfig:
 
     @property
     def ffn_dim(self) -> int:
-        """SwiGLU hidden size shared by backbone blocks and head blocks."""
+        """SwiGLU hidden size of the backbone blocks (and of the head blocks unless ``head_ffn_hidden_size``)."""
         if self.ffn_hidden_size is not None:
             return self.ffn_hidden_size
         return int(self.hidden_size * self.mlp_ratio * 2 / 3 / 64) * 64
+
+    @property
+    def head_ffn_dim(self) -> int:
+        """SwiGLU hidden size of the diffusion head's blocks: ``head_ffn_hidden_size``, else ``ffn_dim``."""
+        return self.ffn_dim if self.head_ffn_hidden_size is None else self.head_ffn_hidden_size
 
     @property
     def kv_heads(self) -> int:
@@ -225,6 +250,9 @@ class ModelConfig:
             raise ConfigError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
         if self.ffn_dim < 1:
             raise ConfigError(f"SwiGLU hidden size {self.ffn_dim} < 1: raise mlp_ratio or set ffn_hidden_size")
+        if self.head_ffn_hidden_size is not None and (self.family != "latentlm" or self.head_ffn_hidden_size < 1):
+            raise ConfigError(f"head_ffn_hidden_size={self.head_ffn_hidden_size}: must be >= 1, and only LatentLM "
+                              "has a diffusion head (leave it unset for DiT)")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ConfigError(f"class_dropout_prob={self.class_dropout_prob}: must be in [0, 1)")
         _choice(self.rope_frequencies, ("geometric", "linspace"), "rope_frequencies")

@@ -72,6 +72,7 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     table = (cfg.num_classes + 1) * D  # label embedding, incl. the null class
     attn = D * (cfg.num_heads + 2 * cfg.kv_heads) * hd + cfg.num_heads * hd * D  # qkv + proj, no biases
     mlp = D * 2 * F + F * D  # SwiGLU w13 + w2
+    head_mlp = 3 * D * cfg.head_ffn_dim  # the head's SwiGLU (its own width when head_ffn_hidden_size is set)
     final = D * 2 * D + D * C  # final adaLN + output linear
     data_linears = FREQ_DIM * D + C * D  # first timestep-MLP layer + the embedder of x_t / patches
     if cfg.family == "dit":
@@ -80,7 +81,7 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
         biases = D  # the patch embedder's
         blocks = cfg.depth * block
     else:
-        block, head_block = attn + mlp, mlp + D * 3 * D  # head block: + adaLN (shift, scale, gate)
+        block, head_block = attn + mlp, head_mlp + D * 3 * D  # head block: + adaLN (shift, scale, gate)
         saved_casts = D * D + D * D + final  # cond_proj, second timestep-MLP layer, head final layer
         data_linears += C * D  # LatentLM embeds clean tokens and (in the head) noisy ones
         biases = 2 * D  # token embedder and head input projection
@@ -168,7 +169,7 @@ def activation_bytes(
         block = (FP32 * (T * (2 * D + 2 + H) + 4 * L * hd)  # norm inputs, rsqrt, logsumexp, rotary cos/sin copies
                  + a * T * (4 * D + 3 * Dkv + 4 * F)  # normed x2, qkv, rotated q and k, out, SwiGLU
                  + out_copy)
-        head_block = FP32 * R * (D + 1) + a * R * (8 * D + 4 * F)
+        head_block = FP32 * R * (D + 1) + a * R * (8 * D + 4 * cfg.head_ffn_dim)
         stem = (a * n * (L - 1) * C + INT64 * n  # token embedder input, labels
                 + FP32 * T * (D + 1) + a * T * D  # final norm, cond_proj input
                 + a * R * (FREQ_DIM + 2 * D + C + D)  # timestep sinusoid and MLP, input_proj input, c
@@ -282,7 +283,8 @@ def plan_memory(
                             autocast=strategy == "ddp")
     T = micro * cfg.seq_len
     rows = T if cfg.family == "dit" else max(T, cfg.batch_mul * T)
-    workspace = 2 * rows * 2 * cfg.ffn_dim * low + rows * cfg.hidden_size * FP32
+    widest = T * cfg.ffn_dim if cfg.family == "dit" else max(T * cfg.ffn_dim, cfg.batch_mul * T * cfg.head_ffn_dim)
+    workspace = 2 * widest * 2 * low + rows * cfg.hidden_size * FP32
     return MemoryPlan(
         model=cfg.name, params=P, strategy=strategy, gpus=gpus, micro_batch=micro,
         activation_checkpointing=activation_checkpointing, mixed_precision=mixed_precision,

@@ -112,7 +112,8 @@ def _settings(cfg: SampleManyConfig, trained: TrainedModel, image_size: int, dev
         "model": ckpt.train_config["model"],
         "data_kind": ckpt.train_config.get("data", {}).get("kind"),
         "tokenizer": {k: ckpt.tokenizer.get(k) for k in ("kind", "config", "fingerprint", "scale", "bias")},
-        "sampler": to_dict(cfg.sampler),
+        # fused as it resolves on this device: the fused path rounds differently from the reference path.
+        "sampler": {**to_dict(cfg.sampler), "fused": "on" if cfg.sampler.fused_on(device.type) else "off"},
         "seed": cfg.seed,
         "labels": "per_class" if cfg.num_images is None else "random",
         "per_class": None if cfg.num_images is not None else cfg.per_class,
@@ -127,6 +128,15 @@ def _settings(cfg: SampleManyConfig, trained: TrainedModel, image_size: int, dev
 
 
 @torch.no_grad()
+def _identity(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resume must match. Records written before ``sampler.fused`` existed took the
+    reference path, which is ``fused: off``."""
+    sampler = settings.get("sampler")
+    if isinstance(sampler, dict) and "fused" not in sampler:
+        return {**settings, "sampler": {**sampler, "fused": "off"}}
+    return settings
+
+
 def _generate_shard(trained: TrainedModel, labels: np.ndarray, start: int, stop: int, cfg: SampleManyConfig,
                     device: torch.device, bar: tqdm) -> np.ndarray:
     """uint8 images (stop - start, S, S, 3) for indices [start, stop), in batches of ``cfg.batch_size``."""
@@ -228,13 +238,13 @@ def sample_many(cfg: SampleManyConfig) -> SampleManyResult:
 
     # Finished already, or started with other settings? ---------------------------------------------
     if record_path.is_file() and out.is_file():
-        check_same_settings(read_json(record_path)["settings"], settings, record_path, "samples")
+        check_same_settings(_identity(read_json(record_path)["settings"]), settings, record_path, "samples")
         log.info("%s is complete (%d images, same settings): nothing to do", out, n)
         return SampleManyResult(out, record_path, n, [], list(range(shards.plan.num_shards)))
     if out.exists() and not shards.plan_file.is_file():
         raise ConfigError(f"{out} exists but has no {record_path.name} beside it (not written by sample-many); "
                           "move it away or pass a different --out")
-    _, pending, mine = shards.open(dist, settings, lambda plan: plan, "samples")
+    _, pending, mine = shards.open(dist, settings, _identity, "samples")
     done = sorted(set(range(shards.plan.num_shards)) - set(pending))
 
     # Generate ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from latentlm.config import ProcessConfig, SamplerConfig
 from latentlm.diffusion.common import Denoiser, RandnFn
 from latentlm.diffusion.ddpm import DDPMProcess, ddim_sample, ddpm_sample, inference_timesteps
 from latentlm.diffusion.dpm_solver import dpm_solver_sample
-from latentlm.diffusion.flow import FlowProcess, euler_sample, heun_sample
+from latentlm.diffusion.flow import FlowProcess, euler_sample, flow_time_grid, heun_sample
 from latentlm.diffusion.guidance import guidance_combine, guidance_scale_at
 
 Process = DDPMProcess | FlowProcess
@@ -51,6 +51,24 @@ def sample(
     return ddpm_sample(process, denoise, x_T, cfg.num_steps, randn)
 
 
+def evaluation_times(process: Process, cfg: SamplerConfig) -> list[float]:
+    """The model times at which ``sample(process, denoise, x_T, cfg)`` calls ``denoise``, in call order.
+
+    Every sampler here evaluates the network on a grid fixed by (process, cfg) alone, so what depends
+    only on t (the head's timestep embeddings) can be computed once per solve, or once per ``generate``
+    call, and looked up by call number (``LatentLM``'s fused solve). DPM-Solver++, DDIM and DDPM: the
+    ``linspace`` grid (DPM-Solver++'s final first-order step evaluates its last point again: once per
+    grid point in all). Euler: t_0..t_{S-1}; Heun: t_i, then t_{i+1} for the corrector, per step.
+    ``tests/test_diffusion.py`` pins this against the times each sampler actually passes.
+    """
+    if isinstance(process, FlowProcess):
+        grid = [t * process.num_train_timesteps for t in flow_time_grid(cfg.num_steps)]
+        if cfg.sampler == "euler":
+            return grid[:-1]
+        return [t for pair in zip(grid[:-1], grid[1:], strict=True) for t in pair]
+    return [float(t) for t in inference_timesteps(process.num_train_timesteps, cfg.num_steps, "linspace")]
+
+
 __all__ = [
     "DDPMProcess",
     "Denoiser",
@@ -61,6 +79,7 @@ __all__ = [
     "ddpm_sample",
     "dpm_solver_sample",
     "euler_sample",
+    "evaluation_times",
     "guidance_combine",
     "guidance_scale_at",
     "heun_sample",

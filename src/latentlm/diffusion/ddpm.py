@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -83,12 +82,14 @@ def inference_timesteps(num_train_timesteps: int, num_steps: int, spacing: str =
     if spacing == "linspace":
         if not 1 <= num_steps <= steps - 1:
             raise ValueError(f"num_steps={num_steps}: linspace spacing needs 1 <= num_steps <= {steps - 1}")
-        # numpy float64 + round-half-to-even, exactly as diffusers builds the grid.
-        grid = np.linspace(0, steps - 1, num_steps + 1).round()[::-1][:-1]
+        # np.linspace(0, T-1, n+1).round() as diffusers builds it: i·step in float64 with the end exactly T-1,
+        # rounded half to even (Python's round); plain Python, so torch.compile sees constants, not traced numpy.
+        step = (steps - 1) / num_steps
+        grid = [steps - 1] + [round(i * step) for i in range(num_steps - 1, 0, -1)]
     elif spacing == "leading":
         if not 1 <= num_steps <= steps:
             raise ValueError(f"num_steps={num_steps}: leading spacing needs 1 <= num_steps <= {steps}")
-        grid = (np.arange(num_steps) * (steps // num_steps))[::-1]
+        grid = [i * (steps // num_steps) for i in range(num_steps)][::-1]
     else:
         raise ValueError(f"spacing={spacing!r}: must be one of {TIMESTEP_SPACINGS}")
     return [int(t) for t in grid]

@@ -99,7 +99,7 @@ def _broadcast_time(t: Tensor | float, x: Tensor) -> Tensor | float:
     return float(t)
 
 
-def _time_grid(num_steps: int) -> list[float]:
+def flow_time_grid(num_steps: int) -> list[float]:
     """t_i = 1 - i/num_steps, i = 0..num_steps (float64 Python numbers, exact 1 and 0 at the ends)."""
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps}: must be >= 1")
@@ -109,7 +109,7 @@ def _time_grid(num_steps: int) -> list[float]:
 def euler_sample(process: FlowProcess, denoise: Denoiser, x_T: Tensor, num_steps: int) -> Tensor:
     """Explicit Euler from t = 1 (x_T (N, ...) ~ N(0, I)) to t = 0: x0 (N, ...), ``num_steps`` network
     calls, never at t = 0. Exact when the velocity is constant along the path (straight flows)."""
-    grid = _time_grid(num_steps)
+    grid = flow_time_grid(num_steps)
     x = x_T
     for t, t_next in pairwise(grid):
         v = denoise(x, full_time(t * process.num_train_timesteps, x))
@@ -125,7 +125,7 @@ def heun_sample(process: FlowProcess, denoise: Denoiser, x_T: Tensor, num_steps:
     flow velocity is defined there (the model is trained on t ∈ [0, 1]), and dropping the corrector
     would make the final step first order, costing the method its global second order.
     """
-    grid = _time_grid(num_steps)
+    grid = flow_time_grid(num_steps)
     scale = process.num_train_timesteps
     x = x_T
     for t, t_next in pairwise(grid):

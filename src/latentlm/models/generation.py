@@ -1,5 +1,6 @@
 """What LatentLM's and DiT's ``generate`` share: input checks, per-sample noise streams, the guided
-denoiser, and the fixed-shape runner that replays a step as a CUDA graph.
+denoiser, LatentLM's fused head solve, the compiler wrapper, and the fixed-shape runner that replays a
+step as a CUDA graph.
 
 Noise: sample k of a call draws from a generator seeded by (seed, sample_indices[k]), so a sample
 never depends on the batch, rank or world size it is generated in (``SampleNoise``).
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from latentlm.config import ModelConfig, SamplerConfig
-from latentlm.diffusion import Denoiser, guidance_combine
+from latentlm.diffusion import Denoiser, Process, evaluation_times, guidance_combine, sample
 
 # ---------------------------------------------------------------------------------------------
 # Input checks
@@ -76,13 +77,17 @@ class SampleNoise:
               dtype: torch.dtype = torch.float32) -> Tensor:
         """Standard normal noise (N, *shape): row k from sample k's generator.
 
-        Drawn in float32 on the CPU (so values do not depend on the accelerator), then moved/cast.
+        Drawn in float32 on the CPU (so values do not depend on the accelerator), then moved/cast. To a
+        CUDA device the copy goes through pinned memory without blocking: a plain copy would wait for
+        the GPU to finish its queued work, once per generated token.
         """
         shape = tuple(shape)
         if not self.generators:
             return torch.empty((0, *shape), device=device, dtype=dtype)
-        rows = [torch.randn(shape, generator=g, dtype=torch.float32) for g in self.generators]
-        return torch.stack(rows).to(device=device, dtype=dtype)  # (N, *shape)
+        rows = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in self.generators])
+        if device is not None and torch.device(device).type == "cuda":
+            rows = rows.pin_memory().to(device, non_blocking=True)  # the host allocator keeps it until copied
+        return rows.to(device=device, dtype=dtype)  # (N, *shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,3 +186,57 @@ class StaticGraph:
             return self.fn(*self.inputs)
         self.graph.replay()
         return self.output.clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused path: precomputed conditioning, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+class FusedHeadSolve:
+    """One token's full solver run of LatentLM's head, with what is constant over a solve hoisted out of it.
+
+    The same computation as ``sample(process, guided_denoiser(head(., ., cond)), x_T, sampler)``, reorganised:
+
+    * the timestep embeddings of the solver's grid (``evaluation_times``) are computed once, here, per
+      ``generate`` call: (E, D) for the E distinct times;
+    * per token, every modulation vector of every evaluation comes from one matmul,
+      ``head.modulations(cond + t_emb)`` over (E, B, D) (the adaLN inputs do not depend on x_t);
+    * the solver then calls ``head.forward_modulated`` with the modulations of its k-th call: the k-th
+      time of ``evaluation_times`` (pinned against the samplers in the tests).
+
+    What differs from the reference is the shapes of three matmuls (the E rows of the timestep MLP, the
+    E x B rows and stacked weights of the modulations), so results agree to float rounding. Written as
+    one function of tensors with Python-number coefficients, so ``torch.compile`` unrolls the whole
+    solve into one graph.
+    """
+
+    def __init__(self, head: torch.nn.Module, process: Process, setup: GenerationSetup) -> None:
+        self.head, self.process, self.sampler, self.guided = head, process, setup.sampler, setup.guided
+        times = evaluation_times(process, setup.sampler)
+        distinct = sorted(set(times), key=times.index)
+        self.calls = [distinct.index(t) for t in times]  # call k uses embedding calls[k]
+        time_dtype = torch.float64 if setup.work == torch.float64 else torch.float32  # as the samplers feed it
+        grid = torch.tensor(distinct, dtype=time_dtype, device=setup.labels.device)  # (E,)
+        self.time_emb = head.time_embed(grid)  # (E, D)
+        self.weight = head.modulation_weight()  # ((3 depth + 2) D, D)
+
+    def __call__(self, x_T: Tensor, cond: Tensor, scale: Tensor | float) -> Tensor:
+        """x_T (N, C p^2) scaled noise, cond (B, D), guidance scale -> token (N, C p^2)."""
+        mods = self.head.modulations(cond[None] + self.time_emb[:, None], self.weight)  # (E, B, (3 depth + 2) D)
+        per_call = iter([mods[k] for k in self.calls])
+
+        def denoise(x_t: Tensor, t: Tensor) -> Tensor:  # t is implied by the call number
+            return self.head.forward_modulated(x_t, next(per_call))
+
+        return sample(self.process, guided_denoiser(denoise, scale, self.guided), x_T, self.sampler)
+
+
+def compiled(fn: Callable[..., Tensor], fullgraph: bool = True) -> Callable[..., Tensor]:
+    """``fn`` through ``torch.compile`` (Inductor, default mode: no CUDA graphs of its own; ``StaticGraph``
+    captures them). ``fullgraph``: a graph break is an error, not a silent split into eager pieces.
+    Shapes: specialised on the first call; a second batch size recompiles with the sizes that changed
+    (the batch) symbolic, and that graph then serves every later size (sample-many's smaller last batch
+    of a shard included). ``dynamic=True`` would start symbolic, but then also makes the solver's step
+    counts and coefficients symbolic and still specialises the batch through the head's matmuls."""
+    return torch.compile(fn, fullgraph=fullgraph)

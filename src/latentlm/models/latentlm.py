@@ -7,7 +7,7 @@ cache; every token is produced by a full solver run of the head from fresh Gauss
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -16,7 +16,14 @@ from tqdm.auto import tqdm
 from latentlm.config import ModelConfig, SamplerConfig
 from latentlm.diffusion import guidance_scale_at, sample
 from latentlm.models.base import LatentModel
-from latentlm.models.generation import StaticGraph, guided_denoiser, start_generation
+from latentlm.models.generation import (
+    FusedHeadSolve,
+    GenerationSetup,
+    StaticGraph,
+    compiled,
+    guided_denoiser,
+    start_generation,
+)
 from latentlm.models.head import DiffusionHead
 from latentlm.models.layers import (
     Attention,
@@ -24,6 +31,7 @@ from latentlm.models.layers import (
     LabelEmbedder,
     RMSNorm,
     SwiGLU,
+    flash_kvcache_usable,
     initialize_adaln_zero,
     patchify,
     rope_tables,
@@ -63,7 +71,7 @@ class LatentLM(LatentModel):
         self.blocks = nn.ModuleList(CausalBlock(cfg) for _ in range(cfg.depth))
         self.norm = RMSNorm()
         self.cond_proj = nn.Linear(D, D, bias=False)  # condition layer: RMSNorm -> Linear
-        self.head = DiffusionHead(cfg.token_dim, D, cfg.ffn_dim, cfg.head_depth)
+        self.head = DiffusionHead(cfg.token_dim, D, cfg.head_ffn_dim, cfg.head_depth)
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.initialize_weights()
 
@@ -146,35 +154,31 @@ class LatentLM(LatentModel):
         """Sample normalized latents (N, C, H, W) for class ``labels`` (N,), left to right with the KV cache.
 
         The noise of sample k comes from a generator seeded by (seed, sample_indices[k]) (default
-        indices 0..N-1), so a sample does not depend on the batch it is generated in. ``static`` runs
-        every token with fixed shapes (masked attention over the whole cache) so that, on CUDA, the
-        backbone step and the head's solver run are each captured once as CUDA graphs and replayed per
-        token. Default: on for CUDA with a deterministic sampler, off otherwise.
+        indices 0..N-1), so a sample does not depend on the batch it is generated in.
+
+        ``sampler.fused`` (the switch; "auto": on for CUDA with a deterministic sampler) runs each token's
+        solve as ``FusedHeadSolve`` (timestep embeddings per call, all modulations per token in one matmul)
+        and it and the backbone step through ``torch.compile``. ``static`` runs every token with fixed
+        shapes (masked attention over the whole cache) so that, on CUDA, the backbone step and the head's
+        solver run are each captured once as CUDA graphs and replayed per token. Default: on when fused,
+        or on CUDA with a deterministic sampler; off otherwise. ``fused="off", static=False`` is the
+        reference path.
         """
         setup = start_generation(self, labels, sampler, seed, sample_indices)
         sampler, cfg = setup.sampler, self.config
         N, L, device = labels.shape[0], cfg.seq_len, labels.device
+        fused = sampler.fused_on(device.type)
         if static is None:
-            static = device.type == "cuda" and sampler.sampler != "ddpm"
+            static = fused or (device.type == "cuda" and sampler.sampler != "ddpm")
         if static and sampler.sampler == "ddpm":
             raise ValueError("static=True needs a deterministic sampler (not 'ddpm', which draws noise inside the "
                              "solver loop)")
-        capture = static and device.type == "cuda"
+        if fused and not static:
+            raise ValueError("static=False cannot be fused: the compiled steps have fixed shapes (set "
+                             "sampler.fused='off' for the dynamic-shape reference path)")
         caches = self.new_cache(setup.stream.shape[0], device, next(self.parameters()).dtype)
-
-        def solve(x_T: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-            """One full solver run of the head: x_T (N, C p^2), cond (B, D) -> token (N, C p^2)."""
-            denoise = guided_denoiser(lambda x_t, t: self.head(x_t, t, cond), scale, setup.guided)
-            return sample(self.process, denoise, x_T, sampler, randn=setup.randn)
-
         cond = self.forward_recurrent(setup.stream, 0, caches)  # (B, D)
-        step, solve_token = (lambda tok, pos: self.forward_recurrent(tok, pos, caches)), solve
-        if static:  # the same functions on fixed buffers: position as a (1,) tensor, scale as a 0-d tensor
-            token0 = torch.zeros(setup.stream.shape[0], cfg.token_dim, device=device, dtype=setup.work)
-            pos0 = torch.ones(1, dtype=torch.long, device=device)
-            step = StaticGraph(step, token0, pos0, capture=capture and L > 1)
-            scale0 = torch.ones((), device=device, dtype=setup.work)
-            solve_token = StaticGraph(solve, token0[:N], cond, scale0, capture=capture)
+        step, solve_token = self._token_runners(setup, caches, cond, static, fused)
         tokens = []
         for i in tqdm(range(L), desc="tokens", disable=not progress, leave=False):
             scale = guidance_scale_at(i, L, sampler.cfg_scale, sampler.cfg_schedule)
@@ -184,3 +188,29 @@ class LatentLM(LatentModel):
                 cond = step(tokens[-1], i + 1)
         seq = torch.stack(tokens, dim=1)[:N]  # (N, L, C p^2)
         return unpatchify(seq, cfg.in_channels, cfg.input_size, cfg.patch_size)  # (N, C, H, W)
+
+    def _token_runners(self, setup: GenerationSetup, caches: list[KVCache], cond: torch.Tensor, static: bool,
+                       fused: bool) -> tuple[Callable, Callable]:
+        """``(step(token, pos) -> cond, solve(x_T, cond, scale) -> token)`` for one generate call."""
+        sampler, N, device = setup.sampler, setup.labels.shape[0], setup.labels.device
+
+        def step(token: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+            return self.forward_recurrent(token, pos, caches)  # (B, D)
+
+        def solve(x_T: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+            """The reference solver run of the head: x_T (N, C p^2), cond (B, D) -> token (N, C p^2)."""
+            denoise = guided_denoiser(lambda x_t, t: self.head(x_t, t, cond), scale, setup.guided)
+            return sample(self.process, denoise, x_T, sampler, randn=setup.randn)
+
+        if fused:
+            step, solve = compiled(step, fullgraph=not flash_kvcache_usable(cond)), compiled(
+                FusedHeadSolve(self.head, self.process, setup).__call__)
+        if not static:
+            return step, solve
+        # The same functions on fixed buffers: position as a (1,) tensor, scale as a 0-d tensor.
+        capture = device.type == "cuda"
+        token0 = torch.zeros(setup.stream.shape[0], self.config.token_dim, device=device, dtype=setup.work)
+        pos0 = torch.ones(1, dtype=torch.long, device=device)
+        scale0 = torch.ones((), device=device, dtype=setup.work)
+        return (StaticGraph(step, token0, pos0, capture=capture and self.config.seq_len > 1),
+                StaticGraph(solve, token0[:N], cond, scale0, capture=capture))

@@ -182,12 +182,36 @@ def _flash_attn_func():
     return flash_attn_func
 
 
+@functools.lru_cache(maxsize=1)
+def _flash_attn_kvcache():
+    """flash_attn_with_kvcache if flash-attn 2 imports, else None (probed once, lazily)."""
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except Exception:
+        return None
+    return flash_attn_with_kvcache
+
+
+def _flash_capable(x: torch.Tensor) -> bool:
+    """A CUDA tensor of compute capability >= 8 in fp16/bf16: what flash-attn 2 runs on."""
+    if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 8
+
+
 def _use_flash(q: torch.Tensor) -> bool:
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if torch.cuda.get_device_capability(q.device)[0] < 8:
-        return False
-    return _flash_attn_func() is not None
+    return _flash_capable(q) and _flash_attn_func() is not None
+
+
+def flash_kvcache_usable(x: torch.Tensor) -> bool:
+    """Whether the fixed-shape cached step of tensors like ``x`` runs flash-attn 2's ``flash_attn_with_kvcache``."""
+    return _flash_capable(x) and _flash_attn_kvcache() is not None
+
+
+def cached_step_backend(x: torch.Tensor) -> str:
+    """What the fixed-shape cached step's attention calls for tensors like ``x``: "flash_attn_with_kvcache" or
+    "sdpa" (whose kernel SDPA picks itself; ``benchmarks/gpu_generation.py`` records which one ran)."""
+    return "flash_attn_with_kvcache" if flash_kvcache_usable(x) else "sdpa"
 
 
 class Attention(nn.Module):
@@ -241,26 +265,36 @@ class Attention(nn.Module):
         """One new token at position ``pos``: x (B, 1, D) -> (B, 1, D); writes its k, v into ``cache``.
 
         The query attends to cached positions 0..pos, which is exactly the causal row ``pos``.
-        ``pos`` as an int slices the cache; as a (1,) int64 tensor every shape is fixed (the whole
-        cache is attended with a mask), so the step can be replayed as a CUDA graph.
+        ``pos`` as an int slices the cache; as a (1,) int64 tensor every shape is fixed, so the step can
+        be replayed as a CUDA graph: with flash-attn 2 (CUDA, fp16/bf16) ``flash_attn_with_kvcache``
+        appends to the cache and reads slots 0..pos only; otherwise SDPA attends the whole cache with a mask.
         """
-        B = x.shape[0]
+        B, H, Hkv, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self._split(x)  # q (B, H, 1, hd), k/v (B, Hkv, 1, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if isinstance(pos, int):
             cache.k[:, :, pos : pos + 1] = k
             cache.v[:, :, pos : pos + 1] = v
-            keys, values, mask = cache.k[:, :, : pos + 1], cache.v[:, :, : pos + 1], None  # (B, Hkv, pos+1, hd)
-        else:
-            cache.k.index_copy_(2, pos, k.to(cache.k.dtype))
-            cache.v.index_copy_(2, pos, v.to(cache.v.dtype))
-            keys, values = cache.k, cache.v  # (B, Hkv, L_max, hd); slots after pos are masked out
-            mask = torch.arange(cache.k.shape[2], device=pos.device)[None, None, None, :] <= pos  # (1, 1, 1, L_max)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # (B, H, 1, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, 1, -1))
+            keys, values = cache.k[:, :, : pos + 1], cache.v[:, :, : pos + 1]  # (B, Hkv, pos+1, hd)
+            out = F.scaled_dot_product_attention(q, keys, values, enable_gqa=Hkv != H)  # (B, H, 1, hd)
+            return self.proj(out.transpose(1, 2).reshape(B, 1, H * hd))
+        if flash_kvcache_usable(q):
+            # Writes k, v at slot pos of the cache in place and attends to slots 0..pos only.
+            seqlens = pos.to(torch.int32).expand(B).contiguous()  # (B,) tokens already cached
+            out = _flash_attn_kvcache()(q.transpose(1, 2), cache.k.transpose(1, 2), cache.v.transpose(1, 2),
+                                        k=k.transpose(1, 2), v=v.transpose(1, 2), cache_seqlens=seqlens,
+                                        causal=True)  # (B, 1, H, hd); the cache viewed as (B, L_max, Hkv, hd)
+            return self.proj(out.reshape(B, 1, H * hd))
+        cache.k[:, :, pos] = k.to(cache.k.dtype)  # index_put_: written in place also when compiled
+        cache.v[:, :, pos] = v.to(cache.v.dtype)
+        mask = torch.arange(cache.k.shape[2], device=pos.device)[None, None, None, :] <= pos  # (1, 1, 1, L_max)
+        # One query per stream: the H / Hkv query heads of a group become query rows of their shared kv head,
+        # a plain (non-GQA) masked call that SDPA's fused kernels accept (enable_gqa + a mask leaves only the
+        # math kernel on CUDA), with no repeated keys. Slots after pos are masked out.
+        q = q.reshape(B, Hkv, H // Hkv, hd)  # (B, Hkv, G, hd); head h = g G + j
+        out = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)  # (B, Hkv, G, hd)
+        return self.proj(out.reshape(B, 1, H * hd))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +312,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN(c).chunk(2, dim=-1)  # (N, D) each
+        return self.modulated(x, *self.adaLN(c).chunk(2, dim=-1))  # shift, scale (N, D) each
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The layer with its modulation vectors given (the head's fused solve computes them in advance)."""
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
