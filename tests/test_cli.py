@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentlm import cli
+from latentlm import cli, recipes
 from latentlm.config import TrainConfig
 from latentlm.tokenizers import IdentityTokenizer
 from latentlm.training.model import train
 from latentlm.visualize import sample_grid
 from train_helpers import cli_args, make_image_folder, subprocess_env, tiny_config
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted(recipes.shipped().values())
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_unknown_recipe_key_exits_2(tmp_path, capsys):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("data: {pth: /x}\n")
     assert run_main(["train", "--config", str(recipe)]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {recipe}.data.pth: unknown option")
+    assert capsys.readouterr().err.strip() == f"error: {recipe}: data.pth: unknown option; did you mean 'path'?"
 
 
 def test_unknown_flag_exits_2(capsys):

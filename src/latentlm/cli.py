@@ -17,12 +17,12 @@ work); 3 training stopped by SIGTERM/SIGUSR1 after writing a checkpoint (rerun w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import io
 import logging
 import sys
-import types
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Annotated, Any, Union
 import tyro
 import yaml
 
+from latentlm import options, recipes
 from latentlm.config import (
     CacheLatentsConfig,
     ConfigError,
@@ -38,6 +39,7 @@ from latentlm.config import (
     EvaluateConfig,
     ImportReferenceConfig,
     ModelConfig,
+    RecipesConfig,
     ReferenceStatsConfig,
     SampleConfig,
     SampleManyConfig,
@@ -94,6 +96,7 @@ COMMANDS: dict[str, Command] = {
                                 "a checkpoint of the reference LatentLM code (+ its tokenizer) -> a latentlm run"),
     "vae-roundtrip": Command(VaeRoundtripConfig, _module("vae_roundtrip"),
                              "encode + decode images with a tokenizer file: side-by-side PNG, PSNR and SSIM"),
+    "recipes": Command(RecipesConfig, _module("recipes"), "list the recipes shipped for --config NAME"),
 }
 
 
@@ -117,44 +120,7 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
     return value
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Fit a YAML value to a field type: YAML 1.1 reads ``1e-4`` as a string, and tuples as lists."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
-    if isinstance(value, str) and int in options:
-        try:
-            number = float(value)
-        except ValueError as err:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from err
-        if not number.is_integer():
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(number)
-    if isinstance(value, (str, int)) and not isinstance(value, bool) and float in options:
-        try:
-            return float(value)
-        except ValueError as err:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from err
-    if isinstance(value, list) and any(typing.get_origin(o) is tuple for o in options):
-        return tuple(value)
-    return value
-
-
-def merge_into(instance: Any, data: dict[str, Any], where: str) -> Any:
-    """A copy of dataclass ``instance`` with the (nested) values of ``data``; unknown keys are refused."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(instance)}
-    hints = typing.get_type_hints(type(instance))
-    changes = {}
-    for key, value in data.items():
-        key = key.replace("-", "_")
-        if key not in fields:
-            raise ConfigError(f"{where}.{key}: unknown option; known: {', '.join(sorted(fields))}")
-        current = getattr(instance, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            changes[key] = merge_into(current, value, f"{where}.{key}")
-        else:
-            changes[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return dataclasses.replace(instance, **changes)
+merge_into = options.merge_into  # strict typing of recipe values (latentlm.options)
 
 
 def resolve_model(section: dict[str, Any], name: str | None, where: str) -> ModelConfig:
@@ -162,10 +128,10 @@ def resolve_model(section: dict[str, Any], name: str | None, where: str) -> Mode
     values applied."""
     from latentlm.models.registry import get_config
 
-    section = {k.replace("-", "_"): v for k, v in section.items()}
+    section = {str(k).replace("-", "_"): v for k, v in section.items()}
     name = name or section.pop("name", None) or ModelConfig().name
     section.pop("name", None)
-    return merge_into(get_config(name), section, where)
+    return merge_into(get_config(options.coerce(name, str, f"{where}: model.name")), section, where, "model")
 
 
 def recipe_defaults(cls: type, args: Sequence[str]) -> Any | None:
@@ -179,22 +145,25 @@ def recipe_defaults(cls: type, args: Sequence[str]) -> Any | None:
     data: dict[str, Any] = {}
     recipe = _flag_value(args, "--config") if "config" in names else None
     if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"--config {recipe}: no such recipe file")
+        path = recipes.find(recipe)
+        if path is None:
+            raise ConfigError(f"--config {recipe}: no such recipe file or shipped recipe"
+                              f"{options.suggestion(recipe, recipes.shipped())} (list them: latentlm recipes)")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{recipe}: not valid YAML ({' '.join(str(err).split())})") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{recipe}: a recipe is a mapping of options, got {type(data).__name__}")
-        data = {k.replace("-", "_"): v for k, v in data.items()}
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
         data["config"] = recipe
     where = recipe or "defaults"
     instance = cls()
     if "model" in names:
         section = data.pop("model", None) or {}
-        model = resolve_model(section, _flag_value(args, "--model.name"), f"{where}: model")
+        if not isinstance(section, dict):
+            raise options.section_error("model", section, ModelConfig, f"{where}: model")
+        model = resolve_model(section, _flag_value(args, "--model.name"), where)
         instance = dataclasses.replace(instance, model=model)
     return merge_into(instance, data, where)
 
@@ -207,19 +176,53 @@ def recipe_defaults(cls: type, args: Sequence[str]) -> Any | None:
 def parse(argv: Sequence[str]) -> tuple[str, Any]:
     """``(command name, its config)`` from command-line arguments (without the program name).
 
-    Raises ``ConfigError`` for a bad recipe or model name; tyro exits with code 2 on bad flags.
+    Raises ``ConfigError`` for an unknown command or flag (with the closest known one), a value of the wrong
+    type (``latentlm.options``), a bad recipe or model name, or a contradiction between the model preset and
+    ``--model.family``. ``--help`` prints and exits 0.
     """
     argv = list(argv)
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    if argv and chosen is None and not argv[0].startswith("-"):
+        raise ConfigError(f"unknown command {argv[0]!r}{options.suggestion(argv[0], COMMANDS)} (see latentlm --help)")
+    if chosen is not None and not {"-h", "--help"} & set(argv):
+        argv = [chosen, *options.check_flags(chosen, COMMANDS[chosen].config, argv[1:])]
     variants = []
     for name, command in COMMANDS.items():
         default = recipe_defaults(command.config, argv[1:]) if name == chosen else None
         marker = (tyro.conf.subcommand(name, default=default, description=command.help) if default is not None
                   else tyro.conf.subcommand(name, description=command.help))
         variants.append(Annotated[command.config, marker])
-    cfg = tyro.cli(Union[tuple(variants)], args=argv, prog="latentlm")  # noqa: UP007 (runtime-built union)
+    cfg = _tyro(Union[tuple(variants)], argv)  # noqa: UP007 (runtime-built union)
     name = next(n for n, c in COMMANDS.items() if type(cfg) is c.config)  # exact: EvaluateConfig is a SampleManyConfig
+    if isinstance(getattr(cfg, "model", None), ModelConfig):
+        check_family(cfg.model)
     return name, cfg
+
+
+def _tyro(union: Any, argv: list[str]) -> Any:
+    """``tyro.cli`` with its (boxed, multi-line) error report turned into one ``ConfigError`` line."""
+    report = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(report):
+            return tyro.cli(union, args=argv, prog="latentlm")
+    except SystemExit as exit_:
+        if not exit_.code:
+            raise
+        text = " ".join(report.getvalue().translate(str.maketrans("", "", "│╭╮╰╯─")).split())
+        raise ConfigError(f"command line: {text.split(' For full helptext')[0]}") from None
+
+
+def check_family(model: ModelConfig) -> None:
+    """One way to pick a family: the preset (``model.name``) decides it; a contradicting ``model.family`` is refused."""
+    from latentlm.models.registry import PRESETS
+
+    preset = PRESETS.get(model.name)
+    family = preset.get("family", ModelConfig.family) if preset is not None else None
+    if family is not None and model.family != family:
+        other = "DiT-Tiny" if model.family == "dit" else "Transformer-Tiny"
+        raise ConfigError(f"model.family={model.family!r} contradicts the preset model.name={model.name!r} (a {family} "
+                          f"model): the preset decides the family; pick a {model.family} preset instead, e.g. "
+                          f"--model.name {other}")
 
 
 def _one_line(err: BaseException) -> str:

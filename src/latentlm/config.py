@@ -829,6 +829,14 @@ class ImportReferenceConfig:
             raise ConfigError(f"tokenizer={self.tokenizer}: no such file (the σ-VAE or KL-16 file of the run)")
 
 
+@dataclass
+class RecipesConfig:
+    """`latentlm recipes`: list the recipes shipped with the package (``--config NAME``), one line each."""
+
+    def validate(self) -> None:
+        pass
+
+
 # ---------------------------------------------------------------------------------------------
 # The demo
 # ---------------------------------------------------------------------------------------------
