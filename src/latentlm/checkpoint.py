@@ -33,9 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-
-from latentlm.io import fsync_dir, read_json, read_torch, write_json, write_safetensors, write_torch
+from latentlm.io import (
+    BadFileError,
+    fsync_dir,
+    read_json,
+    read_safetensors,
+    read_torch,
+    write_json,
+    write_safetensors,
+    write_torch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +246,11 @@ class Checkpoint:
 
     @cached_property
     def model(self) -> dict[str, torch.Tensor]:
-        return load_file(self.path / "model.safetensors")
+        return read_safetensors(self.path / "model.safetensors")
 
     @cached_property
     def ema(self) -> dict[str, torch.Tensor]:
-        return load_file(self.path / "ema.safetensors")
+        return read_safetensors(self.path / "ema.safetensors")
 
     @cached_property
     def optimizer(self) -> dict[str, Any]:
@@ -297,6 +304,10 @@ def load_trained(checkpoint: str | os.PathLike, ema: bool = True, tokenizer_path
 
     ckpt = Checkpoint(resolve_checkpoint(checkpoint))
     model = model_from_config(from_dict(ModelConfig, ckpt.train_config["model"]))
-    model.load_state_dict(ckpt.ema if ema else ckpt.model)
+    try:
+        model.load_state_dict(ckpt.ema if ema else ckpt.model)
+    except RuntimeError as err:  # names the missing, unexpected and wrong-shape tensors
+        raise BadFileError(f"{ckpt.path}: the weights do not fit the model of its config.json "
+                         f"({' '.join(str(err).split())[:300]}); the checkpoint is damaged or was edited") from err
     tokenizer = tokenizer_from_record(ckpt.tokenizer, path=tokenizer_path).to(device)
     return TrainedModel(model.to(device).eval(), tokenizer, ckpt.class_names, ckpt)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,7 @@ ProcessKind = Literal["ddpm", "flow"]
 BetaSchedule = Literal["linear", "cosine"]
 PredictionType = Literal["epsilon", "v_prediction"]
 TimestepSampling = Literal["uniform", "min_snr", "logit_normal"]
+LINEAR_BETA_END = 0.02  # the linear schedule's last beta at T = 1000 (DDPM's 1e-4 -> 0.02)
 # Which timestep distributions each process draws from.
 TIMESTEP_SAMPLING = {"ddpm": ("uniform", "min_snr"), "flow": ("uniform", "logit_normal")}
 
@@ -74,6 +76,11 @@ class ProcessConfig:
         minimum = 2 if self.kind == "ddpm" else 1
         if self.num_train_timesteps < minimum:
             raise ConfigError(f"num_train_timesteps={self.num_train_timesteps}: must be >= {minimum}")
+        last_beta = LINEAR_BETA_END * 1000 / self.num_train_timesteps  # ADM's 1000/T rescale of both ends
+        if self.kind == "ddpm" and self.beta_schedule == "linear" and last_beta >= 1:
+            raise ConfigError(f"num_train_timesteps={self.num_train_timesteps} with beta_schedule=linear: the 1000/T "
+                              f"rescale makes the last beta {last_beta:g} >= 1 (no valid noise level); use "
+                              f"num_train_timesteps >= {math.floor(LINEAR_BETA_END * 1000) + 1} or the cosine schedule")
         if self.min_snr_gamma <= 0:
             raise ConfigError(f"min_snr_gamma={self.min_snr_gamma}: must be > 0")
         if self.logit_normal_std <= 0:
@@ -150,6 +157,9 @@ class SamplerConfig:
         if not (math.isfinite(self.cfg_scale) and math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"sampler: cfg_scale={self.cfg_scale} and temperature={self.temperature} must be "
                               "finite, temperature > 0")
+        if self.cfg_scale < 0:
+            raise ConfigError(f"sampler: cfg_scale={self.cfg_scale}: must be >= 0 (1: no guidance, 0: unconditional; "
+                              "a negative scale steers away from the class)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +295,13 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 # Data and tokenizers
 # ---------------------------------------------------------------------------------------------
 
+def default_num_workers(limit: int = 4) -> int:
+    """DataLoader workers by default: ``min(limit, usable CPUs - 1)``, leaving a core to the main process (and
+    staying under the count torch warns about)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(limit, cpus - 1))
+
+
 DataKind = Literal["folder", "digits", "cached"]
 TokenizerKind = Literal["identity", "sigma_vae", "kl16", "reference_sigma_vae"]
 TOKENIZER_KINDS = ("identity", "sigma_vae", "kl16", "reference_sigma_vae")
@@ -300,7 +317,8 @@ class DataConfig:
     path: str | None = None  # ImageFolder root (kind "folder") or latent cache (kind "cached"); never downloaded
     image_size: int = 256  # S: ADM centre crop to S x S; must be divisible by the tokenizer's factor
     hflip: bool = True  # random horizontal flip, drawn from the (checkpointed) torch RNG in the trainer
-    num_workers: int = 4  # DataLoader worker processes per training process (0: load in the main process)
+    # DataLoader worker processes per training process (0: load in the main process); default: min(4, CPUs - 1)
+    num_workers: int = field(default_factory=default_num_workers)
     num_classes: int | None = None  # None: the number of classes the data has
     # Unreadable images are skipped, logged and counted; more than this fraction of them stops the run.
     max_bad_fraction: float = 0.01
@@ -679,8 +697,9 @@ class SweepConfig:
         for name in ("cfg_scales", "cfg_schedules", "num_steps", "temperatures"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is empty: give at least one value")
-        if any(not math.isfinite(s) for s in self.cfg_scales) or any(not t > 0 for t in self.temperatures):
-            raise ConfigError(f"cfg_scales={self.cfg_scales} must be finite and temperatures={self.temperatures} > 0")
+        if any(not (math.isfinite(s) and s >= 0) for s in self.cfg_scales) or any(not t > 0 for t in self.temperatures):
+            raise ConfigError(f"cfg_scales={self.cfg_scales} must be finite and >= 0, and temperatures="
+                              f"{self.temperatures} > 0")
         if any(n < 1 for n in self.num_steps):
             raise ConfigError(f"num_steps={self.num_steps}: every value must be >= 1")
         for schedule in self.cfg_schedules:
@@ -709,7 +728,7 @@ class ReferenceStatsConfig:
     seed: int = 0  # order of the images (the subset and the stored ones)
     inception_weights: str | None = None  # torch-fidelity Inception .pth; None: the torch hub cache (never downloads)
     batch_size: int = 64  # images per Inception forward
-    num_workers: int = 4  # DataLoader processes decoding and cropping images
+    num_workers: int = field(default_factory=default_num_workers)  # DataLoader processes; min(4, CPUs - 1)
     device: str = "auto"  # "auto": CUDA when available, else CPU
     progress: bool = True
 
@@ -842,6 +861,9 @@ class RecipesConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+DEMO_GRID_COLUMNS = 10  # images per class (row) in the demo's grids
+
+
 def _demo_vae() -> SigmaVAEConfig:
     # C_σ 0.25, not the paper's 0.75: it reconstructs as well, and LatentLM trained on its latents draws the
     # requested class more often at weak guidance (96% vs 90% at CFG 1.25), so it needs less guidance
@@ -882,7 +904,7 @@ class DemoConfig:
     cfg_scales: tuple[float, ...] = (1.0, 1.25, 1.5, 1.75, 2.0, 3.0)  # the guidance sweep of both models
     min_accuracy: float = 0.97  # a model's best scale: the lowest Fréchet ratio among scales with this accuracy
     classifier_epochs: int = 20  # the metric's CNN: ~97% on the real test digits
-    eval_per_class: int = 30  # generated images per class that are scored; the first 10 per class form the grid
+    eval_per_class: int = 30  # generated images per class, all scored; the first 10 per class form the grid (>= 10)
     threads: int | None = 1  # torch CPU threads; 1 is fastest for these tiny models and robust to a busy machine
     progress: bool = True  # tqdm bars per phase
 
@@ -891,8 +913,13 @@ class DemoConfig:
                   "classifier_epochs", "eval_per_class")
         if self.dit_steps is not None and self.dit_steps < 1:
             raise ConfigError(f"dit_steps={self.dit_steps}: must be >= 1 (or unset for equal training FLOPs)")
-        if not self.cfg_scales or any(not math.isfinite(s) for s in self.cfg_scales):
-            raise ConfigError(f"cfg_scales={self.cfg_scales}: give at least one finite guidance scale")
+        if not self.cfg_scales or any(not (math.isfinite(s) and s >= 0) for s in self.cfg_scales):
+            raise ConfigError(f"cfg_scales={self.cfg_scales}: give at least one finite guidance scale >= 0")
+        if self.eval_per_class < DEMO_GRID_COLUMNS:
+            raise ConfigError(f"eval_per_class={self.eval_per_class}: must be >= {DEMO_GRID_COLUMNS} (the grids show "
+                              f"the first {DEMO_GRID_COLUMNS} images of each class, and all generated images are "
+                              "scored)")
+        self.sampler.validate(ModelConfig())  # the demo's models: a DDPM process
         if not 0 <= self.min_accuracy <= 1:
             raise ConfigError(f"min_accuracy={self.min_accuracy}: must be in [0, 1]")
         try:

@@ -28,11 +28,24 @@ def launch_rank() -> int:
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``"auto"``: ``cuda:<local_rank>`` when CUDA is available, else the CPU; otherwise ``torch.device(spec)``."""
+    """``"auto"``: ``cuda:<local_rank>`` when CUDA is available, else the CPU; otherwise ``torch.device(spec)``.
+
+    Raises ``ConfigError`` for a device string torch does not know or a CUDA device this machine does not have.
+    """
     import torch
 
+    from latentlm.config import ConfigError
+
     if spec != "auto":
-        return torch.device(spec)
+        try:
+            device = torch.device(spec)
+        except RuntimeError as err:
+            raise ConfigError(f"device={spec!r}: not a device ({err}); use auto, cpu, cuda or cuda:<index>") from err
+        count = torch.cuda.device_count() if device.type == "cuda" else 0
+        if device.type == "cuda" and (count == 0 or (device.index or 0) >= count):
+            have = f"cuda:0..cuda:{count - 1}" if count else "no CUDA device"
+            raise ConfigError(f"device={spec!r}: this machine has {have}; pick one of those, cpu or auto")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")

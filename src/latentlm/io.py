@@ -24,12 +24,21 @@ from typing import Any
 
 import numpy as np
 
+from latentlm.config import ConfigError
+
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps, so equal arrays give byte-equal files
 
 
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 # ---------------------------------------------------------------------------------------------
+
+
+class BadFileError(ConfigError):
+    """A file that cannot be read as what it should be (damaged, or of another kind); the message names it.
+
+    A ``ConfigError`` (and so a ``ValueError``): the command line prints it on one line and exits with code 2.
+    """
 
 
 def fsync_dir(path: Path) -> None:
@@ -76,7 +85,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+    """The JSON value in ``path``; ``BadFileError`` naming the file when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadFileError(f"{path}: not valid JSON ({err}); the file is damaged") from err
 
 
 def write_torch(path: str | os.PathLike, obj: Any) -> None:
@@ -87,10 +100,35 @@ def write_torch(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_torch(path: str | os.PathLike) -> Any:
-    """Load a file written by ``write_torch``; never unpickles arbitrary objects."""
+    """Load a file written by ``write_torch``; never unpickles arbitrary objects.
+
+    Raises ``BadFileError`` naming the file when it holds other Python objects (refused, never executed) or is
+    not a readable torch file (truncated, overwritten).
+    """
+    import pickle
+
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise BadFileError(f"{path}: holds Python objects other than tensors and plain containers; refused unread "
+                         "(unpickling could run code). Use a checkpoint written by latentlm") from err
+    except (RuntimeError, EOFError) as err:
+        raise BadFileError(f"{path}: not a readable torch file ({' '.join(str(err).split())[:200]}); the file is "
+                         "damaged: use another checkpoint") from err
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+    """The tensors of a safetensors file on CPU; ``BadFileError`` naming the file when it is not a readable one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise BadFileError(f"{path}: not a readable safetensors file ({err}); the file is damaged: use another "
+                         "checkpoint") from err
 
 
 def write_safetensors(path: str | os.PathLike, state: dict[str, Any], metadata: dict[str, str] | None = None
@@ -186,6 +224,9 @@ def npz_array_info(path: str | os.PathLike, key: str) -> tuple[tuple[int, ...], 
         shape, fortran_order, dtype = _read_npy_header(member)
     if fortran_order:
         raise ValueError(f"{path}: {key} is stored in Fortran order; save it C-ordered (np.ascontiguousarray)")
+    if dtype.hasobject:
+        raise BadFileError(f"{path}: {key} is an array of Python objects (dtype {dtype}); refused unread (unpickling "
+                           "could run code): save plain numeric arrays")
     return tuple(shape), dtype
 
 

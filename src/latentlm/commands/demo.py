@@ -204,7 +204,7 @@ def _demo(cfg: DemoConfig) -> DemoResult:
     print(f"latentlm demo: run directory {run_dir}", flush=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    per_class = max(cfg.eval_per_class, 10)
+    per_class = cfg.eval_per_class  # >= 10 (validate): the grid takes the first 10 of each class
     labels = torch.arange(10).repeat_interleave(per_class)  # (10 per_class,), class-major
     grid_index = torch.arange(10)[:, None] * per_class + torch.arange(10)  # (10, 10): first 10 of each class
 

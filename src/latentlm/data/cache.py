@@ -156,7 +156,7 @@ def _cache_settings(cfg: CacheLatentsConfig, dataset: Dataset, tokenizer: Tokeni
     return {
         "format": FORMAT,
         "tokenizer": {"kind": tokenizer.kind, "config": tokenizer.config_dict(), "fingerprint": tokenizer.fingerprint(),
-                      "source": cfg.tokenizer.path},
+                      "source": str(Path(cfg.tokenizer.path).resolve()) if cfg.tokenizer.path else None},
         "image_size": cfg.data.image_size, "latent_shape": list(latent_shape), "std_shape": std_shape,
         "classes": class_names(dataset), "data": _data_identity(dataset, cfg.data.kind),
         "images_per_shard": cfg.images_per_shard, "num_shards": -(-len(dataset) // cfg.images_per_shard),
@@ -362,6 +362,10 @@ class CachedLatents(Dataset):
                 f"{cached['fingerprint']}, from {cached['source']}), but this run's tokenizer is {tokenizer.kind} "
                 f"(fingerprint {tokenizer.fingerprint()}, from {source}); pass --tokenizer.kind {cached['kind']} "
                 f"--tokenizer.path {cached['source']}, or cache the data again with this tokenizer")
+        if cached.get("config", {}) != json.loads(json.dumps(tokenizer.config_dict())):  # as stored: lists, not tuples
+            raise ConfigError(f"the latent cache {self.root} was written with tokenizer settings {cached['config']}, "
+                              f"but this run's are {tokenizer.config_dict()}; leave the tokenizer options unset to "
+                              "use the cache's")
         if image_size != self.image_size:
             raise ConfigError(f"the latent cache {self.root} holds {self.image_size}x{self.image_size} images, but "
                               f"data.image_size={image_size}; pass --data.image-size {self.image_size}")

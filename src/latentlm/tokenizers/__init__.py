@@ -8,13 +8,14 @@ source file, weight fingerprint and the normalization stats) and how sampling re
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from latentlm.config import ConfigError, TokenizerConfig
@@ -28,6 +29,8 @@ from latentlm.tokenizers.reference_sigma_vae import (
     load_reference_sigma_vae,
 )
 from latentlm.tokenizers.sigma_vae import CHECKPOINT_NAME, SigmaVAE, is_sigma_vae_config, load_sigma_vae
+
+log = logging.getLogger(__name__)
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")  # read with torch.load(weights_only=True)
 ACCEPTED_LAYOUTS = (
@@ -126,18 +129,26 @@ def _kl16(state: dict[str, torch.Tensor], path: Path) -> KL16:
 def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """The tokenizer ``cfg`` names, on CPU, in eval mode, with frozen weights.
 
-    Raises ``ConfigError`` for a bad option (unknown kind, missing file) or a file that is not of that kind.
+    A ``path`` with the default kind ``identity`` loads the file as whatever it is (``load_tokenizer`` tells the
+    kind from its content, unambiguously), so ``--tokenizer.path`` alone is never silently ignored.
+    Raises ``ConfigError`` for a bad option (unknown kind, missing file) or a file that is not of that kind or
+    does not load (damaged, weights that do not fit its config).
     """
     cfg.validate()
-    if cfg.kind == "identity":
+    if cfg.kind == "identity" and not cfg.path:
         return IdentityTokenizer(cfg.patch).eval()
-    if cfg.kind == "sigma_vae":
-        return load_sigma_vae(cfg.path).eval().requires_grad_(False)
     try:
+        if cfg.kind == "sigma_vae":
+            return load_sigma_vae(cfg.path).eval().requires_grad_(False)
         tokenizer = load_tokenizer(cfg.path)
-    except ValueError as err:
-        raise ConfigError(f"tokenizer.path: {err}") from err
-    if tokenizer.kind != cfg.kind:
+    except (ValueError, OSError, RuntimeError, KeyError, SafetensorError) as err:
+        raise ConfigError(f"tokenizer.path={cfg.path}: {' '.join(str(err).split())[:400]}") from err
+    if cfg.kind == "identity":
+        if cfg.patch != TokenizerConfig.patch:
+            raise ConfigError(f"tokenizer.patch={cfg.patch} is for the identity tokenizer, but tokenizer.path="
+                              f"{cfg.path} is a {tokenizer.kind} file; drop one of the two")
+        log.info("tokenizer.path %s is a %s file: tokenizer.kind %s", cfg.path, tokenizer.kind, tokenizer.kind)
+    elif tokenizer.kind != cfg.kind:
         wanted = {"kl16": "KL-16", "reference_sigma_vae": "the reference code's σ-VAE"}[cfg.kind]
         raise ConfigError(f"tokenizer.path={cfg.path} is a {tokenizer.kind} checkpoint, not {wanted}; pass "
                           f"--tokenizer.kind {tokenizer.kind}")
@@ -147,12 +158,13 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
 def tokenizer_record(tokenizer: Tokenizer, source: str | None) -> dict[str, Any]:
     """JSON-ready description saved with every checkpoint: enough to rebuild ``tokenizer`` exactly.
 
-    ``source`` is the file the weights came from (None for parameter-free tokenizers).
+    ``source`` is the file the weights came from (None for parameter-free tokenizers); it is stored resolved
+    (absolute), so sampling from another directory finds it.
     """
     return {
         "kind": tokenizer.kind,
         "config": tokenizer.config_dict(),
-        "source": source,
+        "source": str(Path(source).resolve()) if source else None,
         "fingerprint": tokenizer.fingerprint(),
         **tokenizer.normalization(),  # "scale", "bias"
     }
@@ -168,6 +180,9 @@ def tokenizer_from_record(record: dict[str, Any], path: str | None = None) -> To
         tokenizer: Tokenizer = IdentityTokenizer(**record["config"]).eval()
     else:
         source = path or record.get("source")
+        if not path and not (source and Path(source).exists()):
+            raise ConfigError(f"the tokenizer file this checkpoint was trained with ({source}) is not there (moved, or "
+                              "another machine?); pass it with --tokenizer-path FILE")
         tokenizer = build_tokenizer(TokenizerConfig(kind=record["kind"], path=source))
         if tokenizer.fingerprint() != record["fingerprint"]:
             raise ValueError(

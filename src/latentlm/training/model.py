@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from latentlm import checkpoint as ckpt_io
 from latentlm.checkpoint import Checkpoint
-from latentlm.config import ConfigError, ModelConfig, TrainConfig, from_dict, to_dict
+from latentlm.config import ConfigError, DataConfig, ModelConfig, TokenizerConfig, TrainConfig, from_dict, to_dict
 from latentlm.data import (
     BadImage,
     CachedLatents,
@@ -122,8 +122,10 @@ def architecture_changes(saved: ModelConfig, current: ModelConfig) -> tuple[list
 # ---------------------------------------------------------------------------------------------
 
 
-def _checked(cfg: TrainConfig, dataset: Dataset | None, tokenizer: Tokenizer | None) -> tuple[Tokenizer, int, int]:
-    """Validate everything that can be checked before any data or model work: ``(tokenizer, C, h)``.
+def _checked(cfg: TrainConfig, dataset: Dataset | None, tokenizer: Tokenizer | None
+             ) -> tuple[TrainConfig, Tokenizer, int, int]:
+    """Validate everything that can be checked before any data or model work: ``(cfg, tokenizer, C, h)``,
+    ``cfg`` with a latent cache's tokenizer and image size filled in (``settings_from_cache``).
 
     A tokenizer passed in is copied: the run sets its normalization, the caller's object stays as it was.
     """
@@ -132,15 +134,33 @@ def _checked(cfg: TrainConfig, dataset: Dataset | None, tokenizer: Tokenizer | N
         raise ConfigError("mixed_precision=fp16 needs a CUDA GPU; use --mixed-precision bf16 or no")
     if dataset is None:
         cfg.data.validate()
-        if cfg.data.kind == "cached":
-            read_manifest(cfg.data.path)  # a complete cache, else says what to do
+        if cfg.data.kind == "cached":  # a complete cache, else says what to do
+            cfg = settings_from_cache(cfg, read_manifest(cfg.data.path), tokenizer is None)
     tokenizer = build_tokenizer(cfg.tokenizer) if tokenizer is None else copy.deepcopy(tokenizer)
     try:
         latent_c, latent_h, _ = tokenizer.latent_shape(cfg.data.image_size)
     except ValueError as err:
         raise ConfigError(f"data.image_size: {err}") from err
     check_fresh_run(cfg.output_dir, cfg.resume)
-    return tokenizer, latent_c, latent_h
+    return cfg, tokenizer, latent_c, latent_h
+
+
+def settings_from_cache(cfg: TrainConfig, manifest: dict[str, Any], fill_tokenizer: bool = True) -> TrainConfig:
+    """``cfg`` with the latent cache's tokenizer (kind and file, or identity patch) and image size where ``cfg``
+    leaves them at their defaults: the cache's plan records both. Values given that contradict the cache are
+    refused later, when the cache is opened (``CachedLatents.check_run``)."""
+    tokenizer, data, cached = cfg.tokenizer, cfg.data, manifest["tokenizer"]
+    default = TokenizerConfig()
+    if fill_tokenizer and (tokenizer.kind, tokenizer.path, tokenizer.patch) == (default.kind, None, default.patch):
+        if cached["kind"] == "identity":
+            tokenizer = dataclasses.replace(tokenizer, patch=int(cached["config"].get("patch", default.patch)))
+        else:
+            tokenizer = dataclasses.replace(tokenizer, kind=cached["kind"], path=cached["source"])
+            log.info("tokenizer from the latent cache's plan: %s %s", cached["kind"], cached["source"])
+    if data.image_size == DataConfig.image_size and manifest["image_size"] != data.image_size:
+        data = dataclasses.replace(data, image_size=int(manifest["image_size"]))
+        log.info("data.image_size %d from the latent cache's plan", data.image_size)
+    return dataclasses.replace(cfg, tokenizer=tokenizer, data=data)
 
 
 def _normalize(cfg: TrainConfig, tokenizer: Tokenizer, dataset: Dataset, saved: Checkpoint | None,
@@ -180,8 +200,12 @@ def _restore(saved: Checkpoint, cfg: TrainConfig, model: nn.Module, ema: nn.Modu
                           "original model options or pass --allow-arch-change")
     if arch or other:
         log.warning("resuming with changed model options: %s", "; ".join(arch + other))
-    model.load_state_dict(saved.model)
-    ema.load_state_dict(saved.ema)
+    try:
+        model.load_state_dict(saved.model)
+        ema.load_state_dict(saved.ema)
+    except RuntimeError as err:  # names the missing, unexpected and wrong-shape tensors
+        raise ConfigError(f"{saved.path}: its weights do not fit this run's model ({' '.join(str(err).split())[:300]})"
+                          "; resume with the original model options") from err
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(saved.optimizer)
     scheduler.load_state_dict(saved.schedule["scheduler"])
@@ -204,6 +228,19 @@ def _restore(saved: Checkpoint, cfg: TrainConfig, model: nn.Module, ema: nn.Modu
     state.bad_images, state.images_drawn = old.bad_images, old.images_drawn
 
 
+def checked_num_classes(given: int | None, found: int | None, where: str | None) -> int:
+    """The run's number of classes: the data's; ``--data.num-classes`` only for data that does not say, or equal
+    to it (fewer would make a real class the null class of guidance, or an out-of-range label)."""
+    if found is None:
+        if given is None:
+            raise ConfigError("the dataset does not say how many classes it has; set --data.num-classes")
+        return given
+    if given is not None and given != found:
+        raise ConfigError(f"data.num_classes={given} contradicts the data ({where or 'the dataset'}), which has "
+                          f"{found} classes; leave --data.num-classes unset (or set it to {found})")
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +255,7 @@ class ModelTrainer:
         self.last_checkpoint = saved.path if saved is not None else None
         # Data ----------------------------------------------------------------------------------
         dataset = build_dataset(cfg.data) if dataset is None else dataset
-        num_classes = cfg.data.num_classes or dataset_num_classes(dataset)
-        if num_classes is None:
-            raise ConfigError("the dataset does not say how many classes it has; set --data.num-classes")
+        num_classes = checked_num_classes(cfg.data.num_classes, dataset_num_classes(dataset), cfg.data.path)
         self.names = class_names(dataset, num_classes)
         if isinstance(dataset, CachedLatents):
             dataset.check_run(tokenizer, cfg.tokenizer.path, cfg.data.image_size)  # same tokenizer, resolution
@@ -451,7 +486,7 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
     (``interrupted`` when SIGTERM/SIGUSR1 stopped it after a checkpoint).
     """
     # Validate: options fail here, before any data or model work --------------------------------
-    tokenizer, latent_c, latent_h = _checked(cfg, dataset, tokenizer)
+    cfg, tokenizer, latent_c, latent_h = _checked(cfg, dataset, tokenizer)
     dist = Distributed.start("cpu" if cfg.cpu or not torch.cuda.is_available() else "auto")
     if cfg.batch_size % (dist.world_size * cfg.grad_accum_steps):
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by processes ({dist.world_size}) x "
