@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from latentlm.config import ConfigError, VaeRoundtripConfig
-from latentlm.data.images import IMAGE_EXTENSIONS, BadImageError, image_to_tensor, load_image
+from latentlm.data.images import IMAGE_EXTENSIONS, BadImageError, image_to_tensor, is_image_file, load_image
 from latentlm.distributed import resolve_device
 from latentlm.metrics.image import psnr, ssim
 from latentlm.tokenizers import load_tokenizer
@@ -48,7 +48,7 @@ def _choose(cfg: VaeRoundtripConfig) -> list[Path]:
     if cfg.images:
         return [Path(p) for p in cfg.images]
     folder = Path(cfg.folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in folder.rglob("*") if is_image_file(p))
     if not files:
         raise ConfigError(f"{folder}: no images with extensions {IMAGE_EXTENSIONS}")
     return random.Random(cfg.seed).sample(files, min(cfg.num_images, len(files)))

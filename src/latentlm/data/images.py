@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from latentlm.config import ConfigError
 
-IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")  # GIF: first frame
 # Pillow's own default (about 0.25 GiB of 8-bit RGB). Pillow itself raises above twice this, so a
 # larger limit also needs PIL.Image.MAX_IMAGE_PIXELS raised.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -134,6 +134,11 @@ def load_image(path: str | os.PathLike, image_size: int, max_pixels: int = DEFAU
         raise BadImageError(f"{type(err).__name__}: {err}") from err
 
 
+def is_image_file(path: Path) -> bool:
+    """A file (not a directory, whatever its name) with an image extension."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
 # ---------------------------------------------------------------------------------------------
 # The dataset
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +166,7 @@ class ImageFolder(Dataset):
             raise ValueError(f"{self.root} has no class sub-folders; expected root/<class name>/<images>")
         self.samples: list[tuple[Path, int]] = []
         for label, name in enumerate(self.classes):
-            files = sorted(p for p in (self.root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = sorted(p for p in (self.root / name).rglob("*") if is_image_file(p))
             self.samples.extend((p, label) for p in files)
         if not self.samples:
             raise ValueError(f"{self.root}: no images with extensions {IMAGE_EXTENSIONS} in its class folders")
@@ -242,6 +247,7 @@ __all__ = [
     "check_bad_fraction",
     "collate_skipping_bad",
     "image_to_tensor",
+    "is_image_file",
     "load_image",
     "scan_images",
     "to_rgb",

@@ -122,8 +122,10 @@ def heun_sample(process: FlowProcess, denoise: Denoiser, x_T: Tensor, num_steps:
     network calls.
 
     Unlike EDM's Heun, the last step keeps its corrector and evaluates the network at t = 0: the
-    flow velocity is defined there (the model is trained on t ∈ [0, 1]), and dropping the corrector
-    would make the final step first order, costing the method its global second order.
+    flow velocity is defined there (the model is trained on t ∈ [0, 1]). Dropping it (a final Euler
+    step) would keep the global second order (one step's O(h²) local error is of the global error's
+    order) but not the accuracy: on the exact flow of 1-D Gaussian data the final error is 3-4x larger
+    at 16-64 steps for data std 0.1-0.5 (1.25x at std 2), for one network call saved.
     """
     grid = flow_time_grid(num_steps)
     scale = process.num_train_timesteps

@@ -135,10 +135,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def sincos_2d(grid: int, dim: int, columns_first: bool = False) -> torch.Tensor:
-    """Fixed 2-D sin-cos position table (grid*grid, dim) in raster order, float64.
+    """Fixed 2-D sin-cos position table (grid*grid, dim), float64; row p = i·grid + j is grid cell (row i, column j).
 
-    Dims [0, dim/2) encode the row as [sin(h·ω), cos(h·ω)] and dims [dim/2, dim) the column the same way,
-    ω_k = 10000^(-k/(dim/4)). ``columns_first`` swaps the halves: MAE's and DiT's table.
+    Each half encodes one coordinate c as [sin(c·ω_0..ω_{K-1}), cos(c·ω_0..ω_{K-1})], K = dim/4,
+    ω_k = 10000^(-k/K). ``columns_first=False`` (ours): dims [0, dim/2) encode the row i, [dim/2, dim) the
+    column j. ``columns_first=True``: the column j first, then the row i, which is MAE's
+    ``get_2d_sincos_pos_embed`` as DiT and the reference LatentLM code use it (its first half, named
+    ``emb_h``, is computed from ``np.meshgrid(grid_w, grid_h)[0]``: the column coordinate).
     """
     if dim % 4:
         raise ValueError(f"hidden_size={dim} must be divisible by 4 for the 2-D sin-cos embedding")

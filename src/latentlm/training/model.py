@@ -228,6 +228,13 @@ def _restore(saved: Checkpoint, cfg: TrainConfig, model: nn.Module, ema: nn.Modu
     state.bad_images, state.images_drawn = old.bad_images, old.images_drawn
 
 
+def preview_classes(num_classes: int, wanted: int) -> list[int]:
+    """The classes of the training preview grids: ``min(wanted, num_classes)`` ids spread evenly over all
+    classes, first and last included (all of them when there are no more than ``wanted``)."""
+    count = min(wanted, num_classes)
+    return sorted({round(i * (num_classes - 1) / max(1, count - 1)) for i in range(count)})
+
+
 def checked_num_classes(given: int | None, found: int | None, where: str | None) -> int:
     """The run's number of classes: the data's; ``--data.num-classes`` only for data that does not say, or equal
     to it (fewer would make a real class the null class of guidance, or an out-of-range label)."""
@@ -301,8 +308,7 @@ class ModelTrainer:
                                        persistent_workers=cfg.data.num_workers > 0,
                                        generator=torch.Generator().manual_seed(cfg.seed)))  # global RNG untouched
         self.seen_bad: dict[str, BadImage] = {}  # unreadable files this process has logged (each once)
-        self.grid_classes = sorted({round(i * (num_classes - 1) / max(1, cfg.sample_classes - 1))
-                                    for i in range(min(cfg.sample_classes, num_classes))})
+        self.grid_classes = preview_classes(num_classes, cfg.sample_classes)
         self.writer = None
         if dist.is_main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
