@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from latentlm.io import (
     BadFileError,
     fsync_dir,

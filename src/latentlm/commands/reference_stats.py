@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 import latentlm
 from latentlm.config import ConfigError, ReferenceStatsConfig
@@ -19,6 +18,7 @@ from latentlm.distributed import resolve_device
 from latentlm.io import NpzWriter, atomic_write, file_sha256, write_json
 from latentlm.metrics.inception import InceptionFeatures, resolve_inception_weights
 from latentlm.metrics.statistics import RunningMoments
+from latentlm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def reference_stats(cfg: ReferenceStatsConfig) -> Path:
     pool, spatial = RunningMoments(), RunningMoments()
 
     def batches() -> Iterator[torch.Tensor]:
-        with tqdm(total=len(files), unit="img", desc="Inception (reference)", disable=not cfg.progress,
+        with progress_bar(total=len(files), unit="img", desc="Inception (reference)", disable=not cfg.progress,
                   dynamic_ncols=True) as bar:
             for batch in loader:  # (B, S, S, 3) uint8
                 f = inception(batch)

@@ -40,13 +40,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import latentlm
 from latentlm.checkpoint import TrainedModel, load_trained
 from latentlm.config import ConfigError, SampleManyConfig, to_dict
 from latentlm.distributed import Distributed
 from latentlm.io import NpzWriter, atomic_write, read_json, write_json
+from latentlm.progress import ProgressBar, progress_bar
 from latentlm.shards import ShardDir, ShardPlan, check_same_settings
 from latentlm.visualize import to_uint8
 
@@ -138,7 +138,7 @@ def _identity(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _generate_shard(trained: TrainedModel, labels: np.ndarray, start: int, stop: int, cfg: SampleManyConfig,
-                    device: torch.device, bar: tqdm) -> np.ndarray:
+                    device: torch.device, bar: ProgressBar) -> np.ndarray:
     """uint8 images (stop - start, S, S, 3) for indices [start, stop), in batches of ``cfg.batch_size``."""
     chunks = []
     for lo in range(start, stop, cfg.batch_size):
@@ -254,7 +254,7 @@ def sample_many(cfg: SampleManyConfig) -> SampleManyResult:
                  dist.world_size, settings["weights"], cfg.sampler.sampler, cfg.sampler.num_steps,
                  cfg.sampler.cfg_scale)
     todo = sum(stop - start for start, stop in map(shards.plan.bounds, mine))
-    with tqdm(total=todo, unit="img", desc=f"sample-many (process 0 of {dist.world_size})",
+    with progress_bar(total=todo, unit="img", desc=f"sample-many (process 0 of {dist.world_size})",
               disable=not cfg.progress or not dist.is_main, dynamic_ncols=True) as bar:
         for s in mine:
             start, stop = shards.plan.bounds(s)

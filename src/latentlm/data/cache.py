@@ -44,12 +44,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from latentlm.config import CacheLatentsConfig, ConfigError
 from latentlm.data.images import BadImage, ImageFolder, check_bad_fraction, collate_skipping_bad
 from latentlm.distributed import Distributed
 from latentlm.io import atomic_write, write_json
+from latentlm.progress import progress_bar
 from latentlm.shards import ShardDir, ShardPlan, shard_name
 from latentlm.tokenizers import Tokenizer
 from latentlm.tokenizers.normalization import fit_normalization
@@ -192,7 +192,7 @@ def _encode_shards(shards: ShardDir, mine: list[int], plan: dict[str, Any], data
                         collate_fn=_collate_indexed)
     parts: list[dict[str, torch.Tensor]] = []
     unreadable: list[list[Any]] = []
-    bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc=f"cache (process {dist.rank})",
+    bar = progress_bar(total=sum(len(b) for b in batches), unit="img", desc=f"cache (process {dist.rank})",
                dynamic_ncols=True, disable=not (cfg.progress and dist.is_main))
     for k, (indices, images, labels, bad) in enumerate(loader):
         shard = owners[k]

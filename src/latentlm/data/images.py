@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
-from tqdm.auto import tqdm
 
 from latentlm.config import ConfigError
+from latentlm.progress import progress_bar
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")  # GIF: first frame
 # Pillow's own default (about 0.25 GiB of 8-bit RGB). Pillow itself raises above twice this, so a
@@ -216,7 +216,7 @@ def scan_images(dataset: ImageFolder, num_workers: int = 4, batch_size: int = 64
     """Decode and crop every image exactly as training does; the unreadable ones, in index order."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_only_bad)
     bad: list[BadImage] = []
-    with tqdm(total=len(dataset), unit="img", desc="scan", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=len(dataset), unit="img", desc="scan", disable=not progress, dynamic_ncols=True) as bar:
         for count, records in loader:
             bad.extend(records)
             bar.update(count)

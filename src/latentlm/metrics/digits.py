@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from latentlm.metrics.statistics import frechet_distance, gaussian_statistics
+from latentlm.progress import progress_bar
 
 # ---------------------------------------------------------------------------------------------
 # Digit classifier
@@ -81,7 +81,7 @@ def train_digit_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: i
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
     max_shift = max(1, images.shape[-1] // 16)
     model.train()
-    for _ in tqdm(range(epochs), desc="classifier", disable=not progress):
+    for _ in progress_bar(range(epochs), desc="classifier", disable=not progress):
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(labels), batch_size):
             idx = order[start:start + batch_size]

@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from latentlm.config import ConfigError
 from latentlm.io import file_sha256, iter_npz_rows, npz_array_info, npz_keys
 from latentlm.metrics.statistics import frechet_distance, gaussian_statistics
+from latentlm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def extract_features(inception: InceptionFeatures, batches: Iterable[np.ndarray 
     logits = torch.empty(total, LOGITS_DIM)
     spatial = torch.empty(total, SPATIAL_DIM)
     done = 0
-    with tqdm(total=total, unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=total, unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         for batch in batches:
             f = inception(batch)
             n = len(f.pool)

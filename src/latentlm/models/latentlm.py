@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from latentlm.config import ModelConfig, SamplerConfig
 from latentlm.diffusion import guidance_scale_at, sample
@@ -37,6 +36,7 @@ from latentlm.models.layers import (
     rope_tables,
     unpatchify,
 )
+from latentlm.progress import progress_bar
 
 
 class CausalBlock(nn.Module):
@@ -180,7 +180,7 @@ class LatentLM(LatentModel):
         cond = self.forward_recurrent(setup.stream, 0, caches)  # (B, D)
         step, solve_token = self._token_runners(setup, caches, cond, static, fused)
         tokens = []
-        for i in tqdm(range(L), desc="tokens", disable=not progress, leave=False):
+        for i in progress_bar(range(L), desc="tokens", disable=not progress, leave=False):
             scale = guidance_scale_at(i, L, sampler.cfg_scale, sampler.cfg_schedule)
             token = solve_token(setup.randn((cfg.token_dim,)), cond, scale)  # (N, C p^2)
             tokens.append(torch.cat([token, token]) if setup.guided else token)  # (B, C p^2): both halves

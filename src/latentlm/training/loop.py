@@ -26,13 +26,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.utils.data import Sampler
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from latentlm import checkpoint as ckpt_io
 from latentlm.checkpoint import Checkpoint
 from latentlm.config import ConfigError
 from latentlm.distributed import Distributed
+from latentlm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ def run_steps(steps: Steps, end_step: int, checkpoint_every: int, last_checkpoin
     """Step ``steps`` until ``end_step``, checkpointing every ``checkpoint_every`` steps, at the end, and at the
     step boundary after a stop signal (then return ``interrupted``)."""
     state = steps.state
-    bar = tqdm(total=end_step, initial=min(state.step, end_step), disable=not progress, dynamic_ncols=True,
+    bar = progress_bar(total=end_step, initial=min(state.step, end_step), disable=not progress, dynamic_ncols=True,
                desc=desc)
     console = logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext()  # log lines above the bar
     interrupted = False
