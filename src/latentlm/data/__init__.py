@@ -45,6 +45,20 @@ def build_dataset(cfg: DataConfig) -> Dataset:
         raise ConfigError(str(err)) from err
 
 
+def data_num_classes(cfg: DataConfig) -> int:
+    """How many classes the data of ``cfg`` has, without opening a single image: the class folders of an
+    ImageFolder, a cache's class list, the digits' 10 (so options can be checked before any work)."""
+    cfg.validate()
+    if cfg.kind == "digits":
+        return DigitsDataset.num_classes
+    if cfg.kind == "cached":
+        return len(read_manifest(cfg.path)["classes"])
+    try:
+        return len(ImageFolder.find_classes(cfg.path))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def dataset_num_classes(dataset: Dataset) -> int | None:
     """Classes a dataset declares (``num_classes`` or ``len(classes)``), or None when it does not say."""
     n = getattr(dataset, "num_classes", None)
@@ -95,6 +109,7 @@ __all__ = [
     "check_bad_fraction",
     "class_names",
     "collate_skipping_bad",
+    "data_num_classes",
     "dataset_num_classes",
     "image_to_tensor",
     "latent_source",

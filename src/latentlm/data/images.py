@@ -161,15 +161,22 @@ class ImageFolder(Dataset):
             raise FileNotFoundError(f"ImageFolder root {self.root} is not a directory")
         self.image_size = image_size
         self.max_image_pixels = max_image_pixels
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not self.classes:
-            raise ValueError(f"{self.root} has no class sub-folders; expected root/<class name>/<images>")
+        self.classes = self.find_classes(self.root)
         self.samples: list[tuple[Path, int]] = []
         for label, name in enumerate(self.classes):
             files = sorted(p for p in (self.root / name).rglob("*") if is_image_file(p))
             self.samples.extend((p, label) for p in files)
         if not self.samples:
             raise ValueError(f"{self.root}: no images with extensions {IMAGE_EXTENSIONS} in its class folders")
+
+    @staticmethod
+    def find_classes(root: str | os.PathLike) -> list[str]:
+        """The class names of an ImageFolder root: its sub-folders (hidden ones excluded), sorted."""
+        root = Path(root)
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise ValueError(f"{root} has no class sub-folders; expected root/<class name>/<images>")
+        return classes
 
     @property
     def num_classes(self) -> int:

@@ -73,8 +73,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}")
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            has_config = "config" in (f.metadata() or {})
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                has_config = "config" in (f.metadata() or {})
+        except SafetensorError as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
         if has_config:
             tokenizer: Tokenizer = load_sigma_vae(path)
         else:

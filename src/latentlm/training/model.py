@@ -37,6 +37,7 @@ from latentlm.data import (
     check_bad_fraction,
     class_names,
     collate_skipping_bad,
+    data_num_classes,
     dataset_num_classes,
     latent_source,
     read_manifest,
@@ -136,6 +137,7 @@ def _checked(cfg: TrainConfig, dataset: Dataset | None, tokenizer: Tokenizer | N
         cfg.data.validate()
         if cfg.data.kind == "cached":  # a complete cache, else says what to do
             cfg = settings_from_cache(cfg, read_manifest(cfg.data.path), tokenizer is None)
+        checked_num_classes(cfg.data.num_classes, data_num_classes(cfg.data), cfg.data.path)
     tokenizer = build_tokenizer(cfg.tokenizer) if tokenizer is None else copy.deepcopy(tokenizer)
     try:
         latent_c, latent_h, _ = tokenizer.latent_shape(cfg.data.image_size)
@@ -236,16 +238,16 @@ def preview_classes(num_classes: int, wanted: int) -> list[int]:
 
 
 def checked_num_classes(given: int | None, found: int | None, where: str | None) -> int:
-    """The run's number of classes: the data's; ``--data.num-classes`` only for data that does not say, or equal
-    to it (fewer would make a real class the null class of guidance, or an out-of-range label)."""
-    if found is None:
-        if given is None:
-            raise ConfigError("the dataset does not say how many classes it has; set --data.num-classes")
-        return given
-    if given is not None and given != found:
+    """The run's number of classes: ``--data.num-classes`` if given, else the data's. Fewer than the data has
+    is refused (label ``given`` would be the null class of guidance, larger ones out of range); more is allowed
+    (a label table for classes this data lacks, e.g. fine-tuning an ImageNet run on a subset)."""
+    if given is None and found is None:
+        raise ConfigError("the dataset does not say how many classes it has; set --data.num-classes")
+    if given is not None and found is not None and given < found:
         raise ConfigError(f"data.num_classes={given} contradicts the data ({where or 'the dataset'}), which has "
-                          f"{found} classes; leave --data.num-classes unset (or set it to {found})")
-    return found
+                          f"{found} classes: labels >= {given} would be misread; leave --data.num-classes unset (or "
+                          f"set it to at least {found})")
+    return given if given is not None else found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,8 +259,7 @@ class ModelTrainer:
     """One run's model, EMA, optimizer, data and monitoring; ``run_steps`` calls its step, monitor and save."""
 
     def __init__(self, cfg: TrainConfig, dist: Distributed, dataset: Dataset | None, tokenizer: Tokenizer,
-                 latent: tuple[int, int], micro_batch: int) -> None:
-        saved = find_resume(cfg.resume, Path(cfg.output_dir), dist)
+                 latent: tuple[int, int], micro_batch: int, saved: Checkpoint | None) -> None:
         self.last_checkpoint = saved.path if saved is not None else None
         # Data ----------------------------------------------------------------------------------
         dataset = build_dataset(cfg.data) if dataset is None else dataset
@@ -499,13 +500,16 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
                           f"grad_accum_steps ({cfg.grad_accum_steps})")
     micro_batch = cfg.batch_size // (dist.world_size * cfg.grad_accum_steps)  # images per process per micro-step
     run_dir = Path(cfg.output_dir)
+    saved = find_resume(cfg.resume, run_dir, dist)
+    if saved is not None:  # every file read now: a damaged checkpoint is refused before anything is written
+        _ = saved.model, saved.ema, saved.optimizer, saved.schedule
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
 
     # Setup, loop, finish ----------------------------------------------------------------------------
     with run_logging(run_dir, dist), tf32_matmuls(dist.device.type == "cuda" and cfg.allow_tf32):
-        trainer = ModelTrainer(cfg, dist, dataset, tokenizer, (latent_c, latent_h), micro_batch)
+        trainer = ModelTrainer(cfg, dist, dataset, tokenizer, (latent_c, latent_h), micro_batch, saved)
         end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
         try:
             trainer.model.train()  # important: enables label dropout, which trains the null class for CFG
