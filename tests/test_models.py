@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from latentlm import SamplerConfig, build_model, get_config, list_models, model_
 from latentlm.config import ModelConfig, from_dict, to_dict
 from latentlm.diffusion import guidance_scale_at, sample
 from latentlm.models.generation import guided_denoiser, start_generation
-from latentlm.models.layers import patchify, unpatchify
+from latentlm.models.layers import patchify, sincos_2d, unpatchify
 
 TINY = dict(depth=2, hidden_size=64, num_heads=4, head_depth=2, in_channels=4, input_size=4, num_classes=10)
 
@@ -277,3 +278,21 @@ def test_flash_kvcache_step_equals_sdpa_step(monkeypatch, overrides):
     monkeypatch.setattr(layers, "_flash_attn_kvcache", lambda: reference_flash_attn_with_kvcache)
     flash = model.generate(labels, s, seed=5, static=True)
     assert (masked - flash).abs().max().item() < 1e-5 and masked.abs().max() > 0.1
+
+
+def test_sincos_table_halves():
+    # Built independently from the definition: cell (row i, column j) at position i * G + j, frequencies
+    # 10000^(-k / (D/4)); MAE's table (columns_first) encodes np.meshgrid(grid_w, grid_h)[0], the column, first.
+    grid, dim = 3, 8
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+    columns, rows = np.meshgrid(np.arange(grid), np.arange(grid))  # MAE's np.meshgrid(grid_w, grid_h)
+
+    def axis(coordinate: np.ndarray) -> np.ndarray:
+        angles = coordinate.reshape(-1)[:, None] * omega[None]  # (G*G, D/4)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    mae = np.concatenate([axis(columns), axis(rows)], axis=1)  # (G*G, D)
+    np.testing.assert_allclose(sincos_2d(grid, dim, columns_first=True).numpy(), mae, rtol=0, atol=1e-12)
+    ours = sincos_2d(grid, dim).numpy()
+    np.testing.assert_allclose(ours, np.concatenate([axis(rows), axis(columns)], axis=1), rtol=0, atol=1e-12)
+    assert ours[1, 0] == 0.0 and ours[1, dim // 2] != 0.0  # position 1 is (row 0, column 1): row half is sin(0)
