@@ -156,6 +156,8 @@ CASES = [
      "batch_size: 8.5"),
     ("recipe-unknown-key", f"{TRAIN} --config {{in}}/r.yaml", "r.yaml: data.pth: unknown option; did you mean 'path'?",
      "data: {pth: x}"),
+    ("recipe-nested-key", f"{TRAIN} --config {{in}}/r.yaml",
+     "r.yaml: hflip: unknown option; did you mean 'data.hflip'?", "hflip: false"),
     ("recipe-yaml", f"{TRAIN} --config {{in}}/r.yaml", "not valid YAML", "a: [1"),
     ("recipe-list", f"{TRAIN} --config {{in}}/r.yaml", "a recipe is a mapping of options", "- a"),
     ("recipe-literal", f"{TRAIN} --config {{in}}/r.yaml", "r.yaml: mixed_precision: 'maybe' is not a choice",

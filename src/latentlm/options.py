@@ -187,7 +187,10 @@ def merge_into(instance: Any, data: dict[str, Any] | None, source: str, section:
         key = str(raw_key).replace("-", "_")
         at = f"{section}.{key}" if section else key
         if key not in fields:
-            raise ConfigError(f"{source}: {at}: unknown option{suggestion(key, fields)}")
+            inside = [f"{n}.{key}" for n in fields if dataclasses.is_dataclass(getattr(instance, n))
+                      and key in {f.name for f in dataclasses.fields(getattr(instance, n))}]
+            hint = f"; did you mean {inside[0]!r}?" if inside else suggestion(key, fields)
+            raise ConfigError(f"{source}: {at}: unknown option{hint}")
         current = getattr(instance, key)
         if dataclasses.is_dataclass(current):
             if value is not None and not isinstance(value, dict):
