@@ -382,3 +382,11 @@ def test_shipped_recipes_are_found_by_name_and_listed(capsys):
 def test_train_config_is_unchanged_by_strict_typing():
     _, cfg = cli.parse(["train"])
     assert cfg == dataclasses.replace(TrainConfig(), model=cfg.model) and cfg.model.name == "Transformer-Tiny"
+
+
+def test_a_tokenizer_path_alone_is_loaded_as_what_it_is(world):
+    from latentlm.config import TokenizerConfig
+    from latentlm.tokenizers import build_tokenizer, load_sigma_vae
+
+    tokenizer = build_tokenizer(TokenizerConfig(path=str(world["sigma"])))  # kind left at "identity"
+    assert tokenizer.kind == "sigma_vae" and tokenizer.fingerprint() == load_sigma_vae(world["sigma"]).fingerprint()

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from latentlm.checkpoint import Checkpoint
 from latentlm.config import CacheLatentsConfig, ConfigError, DataConfig, TokenizerConfig
 from latentlm.data import BadDataError, ImageFolder
 from latentlm.data.cache import MANIFEST, PLAN, CachedLatents, iterate_shards, read_manifest, write_cache
@@ -280,3 +281,17 @@ def _ranks_mode(out: Path, data: Path, tokenizer: Path) -> None:
 if __name__ == "__main__":
     mode, out_dir, data_dir, tokenizer_file = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
     {"kill": _kill_mode, "ranks": _ranks_mode}[mode](out_dir, data_dir, tokenizer_file)
+
+
+def test_training_from_a_cache_takes_its_tokenizer_and_image_size(tmp_path, data, sigma_file):
+    # Only --data.kind cached and --data.path: the tokenizer (kind, file) and the image size come from the plan.
+    cache = tmp_path / "cache"
+    write_cache(cache_config(cache, data, sigma_file))
+    base = tiny_config(tmp_path / "run", data, max_steps=1)
+    result = train(dataclasses.replace(base, data=DataConfig(kind="cached", path=str(cache), num_workers=0),
+                                       tokenizer=TokenizerConfig()))
+    saved = Checkpoint(result.checkpoint)
+    assert saved.train_config["tokenizer"]["kind"] == "sigma_vae"
+    assert saved.train_config["tokenizer"]["path"] == str(sigma_file.resolve())
+    assert saved.train_config["data"]["image_size"] == 8
+    assert saved.tokenizer["fingerprint"] == read_manifest(cache)["tokenizer"]["fingerprint"]
