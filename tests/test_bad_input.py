@@ -346,10 +346,21 @@ def test_bug6_preview_grids_show_every_class_when_there_are_fewer(world, tmp_pat
     assert grid.shape[0] == 3 * (64 + 2) + 2  # three rows of 8x8 images shown at 64 px: classes 0, 1 and 2
 
 
-def test_bug7_tokenizer_paths_are_stored_resolved(tmp_path, monkeypatch):
+def test_bug7_tokenizer_paths_are_stored_resolved(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     record = tokenizer_record(IdentityTokenizer(1), "tokenizers/vae.safetensors")
     assert record["source"] == str(tmp_path.resolve() / "tokenizers" / "vae.safetensors")
+    # A run trained with a relative tokenizer path samples from another directory.
+    shutil.copy(world["sigma"], tmp_path / "vae.safetensors")
+    base = tiny_config(tmp_path / "run", world["data"], max_steps=1)
+    train(dataclasses.replace(base, tokenizer=dataclasses.replace(base.tokenizer, path="vae.safetensors",
+                                                                  norm_images=8)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    argv = ["sample", "--checkpoint", str(tmp_path / "run"), "--out", "g.png", "--classes", "0", "--per-class", "1",
+            "--sampler.num-steps", "2", "--device", "cpu"]
+    assert _main(argv) == 0 and (elsewhere / "g.png").is_file()
 
 
 def test_bug8_damaged_files_name_the_file(world):
