@@ -126,6 +126,8 @@ CASES = [
     ("train-stray-value", "train stray", "unexpected value 'stray'"),
     ("unknown-command", "trian --lr 1", "unknown command 'trian'; did you mean 'train'?"),
     ("train-missing-value", f"{TRAIN} --seed", "--seed: expected one value"),
+    ("no-command", "", "Missing subcommand"),
+    ("sample-required", "sample --out {out}/g.png", "Missing from latentlm sample: --checkpoint"),
     # train: contradictions
     ("train-fewer-classes", f"{TRAIN} --data.num-classes 2", "data.num_classes=2 contradicts the data"),
     ("train-one-class", f"{TRAIN} --data.num-classes 1", "data.num_classes=1 contradicts the data"),
@@ -285,7 +287,7 @@ def test_the_table_covers_every_command_with_50_cases():
 
 
 def _argv_command(template: str) -> str:
-    first = template.split()[0]
+    first = (template.split() or [""])[0]
     return "train" if first == "{train}" else first
 
 

@@ -179,7 +179,7 @@ class ModelConfig:
     tokenizer: latents (16, 16, 16), patch size 1, so L = 256 tokens of 16 values.
     """
 
-    name: str = "Transformer-Tiny"  # preset this config came from (informational)
+    name: str = "Transformer-Tiny"  # preset: the CLI builds from it, and it decides the family (see cli.check_family)
     family: ModelFamily = "latentlm"
     # -- latent grid (set from the tokenizer) --
     in_channels: int = 16  # C: channels of one latent
