@@ -177,3 +177,20 @@ def test_console_module_runs(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: batch_size=0: must be >= 1"
 
+
+
+def test_progress_bars_write_plain_lines_when_stderr_is_not_a_terminal(capsys):
+    from latentlm.progress import progress_bar
+
+    for _ in progress_bar(range(3), desc="work"):
+        pass
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines()[-1].startswith("work: 100%|") and "3/3" in err.splitlines()[-1]
+
+
+def test_num_workers_default_leaves_a_core(monkeypatch):
+    from latentlm.config import DataConfig, default_num_workers
+
+    for cpus, workers in ((1, 0), (2, 1), (3, 2), (16, 4)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda _pid, n=cpus: set(range(n)), raising=False)
+        assert default_num_workers() == workers and DataConfig().num_workers == workers

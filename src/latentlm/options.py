@@ -239,15 +239,13 @@ def check_flags(command: str, cls: type, args: list[str]) -> list[str]:
     missing value, or a value of the wrong type.
     """
     table = flag_table(cls)
-    normalized = {n.replace("_", "-"): n for n in table}
     out: list[str] = []
-    groups = _groups(args)
-    for flag, inline, values in groups:
+    for flag, inline, values in _groups(args):
         if flag is None:
             raise ConfigError(f"command line: unexpected value {values[0]!r} for `latentlm {command}`: every value "
                               "follows its --flag")
-        name = normalized.get(flag.replace("_", "-"))
-        if name is None:
+        name = flag.replace("_", "-")  # tyro takes --batch_size as --batch-size
+        if name not in table:
             raise ConfigError(f"command line: {flag}: unknown option of `latentlm {command}`"
                               f"{suggestion(flag, table)} (see latentlm {command} --help)")
         out.extend(_normalize(name, table[name], inline, values))
