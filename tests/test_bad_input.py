@@ -232,6 +232,8 @@ CASES = [
     ("demo-eval-per-class", "demo --output-dir {out}/d --eval-per-class 3", "eval_per_class=3: must be >= 10"),
     ("demo-negative-cfg", "demo --output-dir {out}/d --cfg-scales -1", "guidance scale >= 0"),
     ("demo-negative-fixed-cfg", "demo --output-dir {out}/d --sampler.cfg-scale -1", "must be >= 0"),
+    ("demo-dit-preset", "demo --output-dir {out}/d --dit-model Transformer-Tiny", "not a dit preset"),
+    ("demo-unknown-preset", "demo --output-dir {out}/d --latentlm-model Transformer-Huge", "not a latentlm preset"),
     ("recipes-flag", "recipes --all", "unknown option of `latentlm recipes`"),
 ]
 

@@ -926,6 +926,13 @@ class DemoConfig:
                               f"the first {DEMO_GRID_COLUMNS} images of each class, and all generated images are "
                               "scored)")
         self.sampler.validate(ModelConfig())  # the demo's models: a DDPM process
+        from latentlm.models.registry import PRESETS  # torch-free; imported here, it imports this module
+
+        for name, family in (("latentlm_model", "latentlm"), ("dit_model", "dit")):
+            preset = getattr(self, name)
+            if PRESETS.get(preset, {"family": None}).get("family", "latentlm") != family:
+                known = ", ".join(n for n, p in PRESETS.items() if p.get("family", "latentlm") == family)
+                raise ConfigError(f"{name}={preset!r}: not a {family} preset; choose one of {known}")
         if not 0 <= self.min_accuracy <= 1:
             raise ConfigError(f"min_accuracy={self.min_accuracy}: must be in [0, 1]")
         try:
