@@ -16,7 +16,7 @@ from latentlm.checkpoint import Checkpoint, resolve_checkpoint
 from latentlm.commands.sample_many import existing_record, sample_many
 from latentlm.config import ConfigError, EvaluateConfig
 from latentlm.distributed import Distributed, resolve_device
-from latentlm.io import file_sha256, write_json
+from latentlm.io import check_writable, file_sha256, write_json
 from latentlm.metrics.digits import DigitsEvaluator, digits_evaluator, digits_metrics
 from latentlm.metrics.inception import (
     INCEPTION_FILE,
@@ -121,6 +121,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if not cfg.checkpoint and not samples.is_file():
         raise ConfigError(f"samples {samples} do not exist: pass --checkpoint to generate them, or --out an "
                           "existing .npz")
+    check_writable(Path(cfg.results).parent if cfg.results else samples.parent, "--results")
     scorer = Scorer(cfg, digits)
 
     # Samples, metrics ---------------------------------------------------------------------------------------

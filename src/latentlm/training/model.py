@@ -6,8 +6,9 @@ A step is one optimizer update over ``batch_size`` images (``grad_accum_steps`` 
 of the processes); the loop, resume and checkpoint cadence are ``training/loop.py``'s.
 
 Exit codes of ``latentlm train`` (see ``cli.py``): 0 finished (or reached ``stop_at_step``);
-2 invalid option; 3 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (rerun with
-``--resume auto``); 4 diverged (too many consecutive non-finite steps, or non-finite weights).
+2 invalid option (or another process writes ``output_dir``); 3 stopped by SIGTERM/SIGUSR1/SIGINT after
+writing a checkpoint or before the first step (rerun with ``--resume auto``); 4 diverged (too many
+consecutive non-finite steps, or non-finite weights).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from latentlm.data import (
     subset_batches,
 )
 from latentlm.distributed import Distributed
+from latentlm.lock import hold as hold_lock
 from latentlm.models import model_from_config
 from latentlm.tokenizers import Tokenizer, build_tokenizer, tokenizer_record
 from latentlm.tokenizers.normalization import fit_normalization
@@ -446,30 +448,30 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
     ``cfg.data.num_classes`` is set. The model config's ``in_channels``, ``input_size`` and
     ``num_classes`` are set from the tokenizer and the data.
 
-    Raises ``ConfigError`` for invalid options (before any data or model work) and
-    ``TrainingDiverged`` when training cannot go on; returns a ``TrainResult`` otherwise
-    (``interrupted`` when SIGTERM/SIGUSR1 stopped it after a checkpoint).
+    Raises ``ConfigError`` for invalid options (before any data or model work; also when another process
+    is writing ``output_dir``: ``latentlm.lock``) and ``TrainingDiverged`` when training cannot go on;
+    returns a ``TrainResult`` otherwise (``interrupted`` when SIGTERM/SIGUSR1/SIGINT stopped it after a
+    checkpoint). Such a signal before the first step raises ``latentlm.signals.StopRequested``.
     """
-    # Validate: options fail here, before any data or model work --------------------------------
-    tokenizer, latent_c, latent_h = _checked(cfg, dataset, tokenizer)
-    dist = Distributed.start("cpu" if cfg.cpu or not torch.cuda.is_available() else "auto")
-    if cfg.batch_size % (dist.world_size * cfg.grad_accum_steps):
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by processes ({dist.world_size}) x "
-                          f"grad_accum_steps ({cfg.grad_accum_steps})")
-    micro_batch = cfg.batch_size // (dist.world_size * cfg.grad_accum_steps)  # images per process per micro-step
-    run_dir = Path(cfg.output_dir)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    with StopSignals() as stop:  # first thing: a preemption during start-up stops the run cleanly too
+        # Validate: options fail here, before any data or model work ----------------------------
+        tokenizer, latent_c, latent_h = _checked(cfg, dataset, tokenizer)
+        dist = Distributed.start("cpu" if cfg.cpu or not torch.cuda.is_available() else "auto")
+        if cfg.batch_size % (dist.world_size * cfg.grad_accum_steps):
+            raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by processes ({dist.world_size}) x "
+                              f"grad_accum_steps ({cfg.grad_accum_steps})")
+        micro_batch = cfg.batch_size // (dist.world_size * cfg.grad_accum_steps)  # images per process per micro-step
+        run_dir = Path(cfg.output_dir)
 
-    # Setup, loop, finish ----------------------------------------------------------------------------
-    with run_logging(run_dir, dist), tf32_matmuls(dist.device.type == "cuda" and cfg.allow_tf32):
-        trainer = ModelTrainer(cfg, dist, dataset, tokenizer, (latent_c, latent_h), micro_batch)
-        end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
-        try:
-            trainer.model.train()  # important: enables label dropout, which trains the null class for CFG
-            result = run_steps(trainer, end_step, cfg.checkpoint_every, trainer.last_checkpoint,
-                               cfg.progress and dist.is_main, "train")
-        finally:
-            trainer.close()
-        return trainer.finish(result, end_step)
+        # Setup, loop, finish: one writer per run directory ----------------------------------------
+        with hold_lock(run_dir, dist), run_logging(run_dir, dist), \
+                tf32_matmuls(dist.device.type == "cuda" and cfg.allow_tf32):
+            trainer = ModelTrainer(cfg, dist, dataset, tokenizer, (latent_c, latent_h), micro_batch)
+            end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+            try:
+                trainer.model.train()  # important: enables label dropout, which trains the null class for CFG
+                result = run_steps(trainer, end_step, cfg.checkpoint_every, trainer.last_checkpoint,
+                                   cfg.progress and dist.is_main, "train", stop)
+            finally:
+                trainer.close()
+            return trainer.finish(result, end_step)
