@@ -31,9 +31,11 @@ from latentlm.metrics.inception import (
 log = logging.getLogger(__name__)
 
 
-def _checkpoint_data_kind(checkpoint: str) -> str | None:
+def _checkpoint_data_kind(checkpoint: str, ema: bool) -> str | None:
+    """The data kind the checkpoint was trained on; its weights file is checked first (before any scorer)."""
     try:
         ckpt = Checkpoint(resolve_checkpoint(checkpoint))
+        ckpt.verify_file("ema.safetensors" if ema else "model.safetensors")
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(str(err)) from err
     return ckpt.train_config.get("data", {}).get("kind")
@@ -115,7 +117,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.eval_images is not None and cfg.eval_images < 2:
         raise ConfigError(f"eval_images={cfg.eval_images}: need at least 2 images")
     record = existing_record(samples)
-    data_kind = _checkpoint_data_kind(cfg.checkpoint) if cfg.checkpoint else (
+    data_kind = _checkpoint_data_kind(cfg.checkpoint, cfg.ema) if cfg.checkpoint else (
         record["settings"].get("data_kind") if record else None)
     digits = check_scoring(cfg, data_kind)
     if not cfg.checkpoint and not samples.is_file():

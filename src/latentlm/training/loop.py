@@ -277,6 +277,40 @@ def _verified(path: Path, dist: Distributed) -> Checkpoint:
     return saved
 
 
+# Options that never change what a run computes (where it writes, what it logs, when it stops, where its
+# data lives): changing them on resume keeps the resumed run equal to the uninterrupted one.
+BOOKKEEPING_OPTIONS = frozenset({
+    "config", "output_dir", "resume", "allow_arch_change", "max_nonfinite_steps", "log_every", "sample_every",
+    "sample_classes", "tensorboard", "progress", "checkpoint_every", "keep_last", "stop_at_step", "model.name",
+    "data.path", "data.num_workers", "data.max_bad_fraction", "tokenizer.path", "tokenizer.norm_images",
+    "norm_images",
+})
+BOOKKEEPING_SECTIONS = ("sampler.",)  # the preview grids' sampler (drawn on a forked RNG)
+
+
+def option_changes(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted option, saved value, current value)`` for every option of two config dicts that differs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [change for key in sorted(set(saved) | set(current))
+                for change in option_changes(saved.get(key), current.get(key), f"{prefix}{key}.")]
+    saved = list(saved) if isinstance(saved, tuple) else saved
+    current = list(current) if isinstance(current, tuple) else current
+    return [] if saved == current else [(prefix[:-1], saved, current)]
+
+
+def report_resume_changes(saved: Checkpoint, saved_config: dict[str, Any], current: dict[str, Any]) -> None:
+    """Log the options that differ from the checkpoint's run, and whether the resumed run stays exact."""
+    changes = option_changes(saved_config, current)
+    if not changes:
+        return
+    listed = "; ".join(f"{name}: {a!r} -> {b!r}" for name, a, b in changes)
+    inexact = [name for name, _, _ in changes
+               if name not in BOOKKEEPING_OPTIONS and not name.startswith(BOOKKEEPING_SECTIONS)]
+    verdict = (f"the resumed run no longer repeats the original one exactly (because of {', '.join(inexact)})"
+               if inexact else "none of them changes what is computed: the resume stays exact")
+    log.warning("resuming from %s with options that differ from its run: %s; %s", saved.path, listed, verdict)
+
+
 def check_fresh_run(output_dir: str, resume: str | None) -> None:
     """A fresh run in a directory with checkpoints would interleave its checkpoints with the old run's
     (and prune the wrong ones): refuse it unless resuming."""

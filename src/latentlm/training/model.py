@@ -59,6 +59,7 @@ from latentlm.training.loop import (
     ema_decay_at,
     find_resume,
     make_accelerator,
+    report_resume_changes,
     reporter,
     run_logging,
     run_steps,
@@ -176,12 +177,10 @@ def _normalize(cfg: TrainConfig, tokenizer: Tokenizer, dataset: Dataset, saved: 
 def _restore(saved: Checkpoint, cfg: TrainConfig, model: nn.Module, ema: nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, dist: Distributed) -> None:
     """Load weights, EMA, optimizer moments and schedule from ``saved``; ``state`` takes its counters."""
-    arch, other = architecture_changes(from_dict(ModelConfig, saved.train_config["model"]), cfg.model)
+    arch, _ = architecture_changes(from_dict(ModelConfig, saved.train_config["model"]), cfg.model)
     if arch and not cfg.allow_arch_change:
         raise ConfigError(f"{saved.path} has a different architecture ({'; '.join(arch)}); resume with the "
                           "original model options or pass --allow-arch-change")
-    if arch or other:
-        log.warning("resuming with changed model options: %s", "; ".join(arch + other))
     model.load_state_dict(saved.model)
     ema.load_state_dict(saved.ema)
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -236,6 +235,8 @@ class ModelTrainer:
         except ConfigError as err:
             raise ConfigError(f"model: {err}") from err
         self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)  # the resolved config is what checkpoints store
+        if saved is not None and dist.is_main:
+            report_resume_changes(saved, saved.train_config, to_dict(cfg))
         self.dist, self.device, self.dataset_size = dist, dist.device, len(dataset)
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
         model = model_from_config(model_cfg).to(dist.device)

@@ -106,6 +106,8 @@ class TokenizerTrainer:
                 raise ConfigError(f"{saved.path} holds a different σ-VAE ({_saved_vae(saved)}); resume with its "
                                   "options")
             vae.load_state_dict(saved.model)
+            if dist.is_main:
+                loop.report_resume_changes(saved, saved.config["train_tokenizer"], to_dict(cfg))
         self.ema = copy.deepcopy(vae).eval().requires_grad_(False)
         optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                       weight_decay=cfg.weight_decay)
