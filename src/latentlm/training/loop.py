@@ -58,6 +58,7 @@ class TrainState:
     nonfinite_consecutive: int = 0
     bad_images: int = 0  # unreadable images skipped (all processes, every time one was drawn), whole run
     images_drawn: int = 0  # images drawn (all processes), whole run
+    train_flops: int = 0  # counted training FLOPs (forward + backward, latentlm.flops), whole run
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -283,7 +284,7 @@ BOOKKEEPING_OPTIONS = frozenset({
     "config", "output_dir", "resume", "allow_arch_change", "max_nonfinite_steps", "log_every", "sample_every",
     "sample_classes", "tensorboard", "progress", "checkpoint_every", "keep_last", "stop_at_step", "model.name",
     "data.path", "data.num_workers", "data.max_bad_fraction", "tokenizer.path", "tokenizer.norm_images",
-    "norm_images",
+    "norm_images", "peak_tflops",
 })
 BOOKKEEPING_SECTIONS = ("sampler.",)  # the preview grids' sampler (drawn on a forked RNG)
 
