@@ -22,10 +22,11 @@ complete. Any directory with a valid marker is a checkpoint, whatever its name (
 
 ``Checkpoint`` is the one reader of these files, and it checks what it reads: sizes always, and the
 sha256 of every file before its first use (a flipped byte in ``ema.safetensors`` is refused instead of
-sampled), then weights for NaN/inf. Hashing runs at about 1-2 GB/s, so it costs seconds for the GBs of a
-large model (each file is hashed only when read: ``sample`` hashes the EMA weights, a resume every file,
-on the first process only). ``LATENTLM_VERIFY=size`` skips the hashes. Markers written before hashes
-were recorded (sizes only) still load.
+sampled), then weights for NaN/inf. Hashing runs at about 1 GB/s per core
+(``benchmarks/checkpoint_hashing.py``), so it costs seconds for the GBs of a large model; each file is
+hashed only when read (``sample`` hashes the EMA weights, a resume every file, on the first process
+only). ``LATENTLM_VERIFY=size`` skips the hashes. Markers written before hashes were recorded (sizes
+only) still load.
 """
 
 from __future__ import annotations
