@@ -4,6 +4,8 @@ It trains the tiny run of ``train_helpers.cli_args`` through ``latentlm.cli.main
 command line's), pausing at one moment: it creates ``OUT/ready`` there and waits (up to 60 s) for
 ``OUT/go``, so a test can signal it or start a second writer at exactly that moment.
 
+* ``import``: before the command's module (and ``train``) is even imported: only the command line's
+  handlers are installed.
 * ``startup``: while the latent normalization is being fitted (before the first step).
 * ``step``: while drawing micro-batch 4 (inside step 3).
 * ``save``: while writing the first checkpoint (step 2), after its optimizer file.
@@ -23,6 +25,18 @@ def pause(out: Path) -> None:
     deadline = time.monotonic() + 60
     while not (out / "go").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def _import(out: Path) -> None:
+    from latentlm import cli
+
+    command = cli.COMMANDS["train"]
+
+    def run_after_pause(cfg):
+        pause(out)
+        return command.run(cfg)
+
+    cli.COMMANDS["train"] = cli.Command(command.config, run_after_pause, command.help)
 
 
 def _startup(out: Path) -> None:
@@ -66,7 +80,7 @@ def _save(out: Path) -> None:
 
 if __name__ == "__main__":
     mode, out_dir, data_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    {"startup": _startup, "step": _step, "save": _save}[mode](out_dir)
+    {"import": _import, "startup": _startup, "step": _step, "save": _save}[mode](out_dir)
     from latentlm import cli
 
     cli.main(cli_args(out_dir / "run", data_dir, "--max-steps", "5", "--checkpoint-every", "2", *sys.argv[4:]))

@@ -134,6 +134,22 @@ def test_every_writing_command_is_refused_while_its_output_is_locked(command, da
     assert {p.name for p in out.iterdir()} <= {".lock", ".s.npz.lock"}  # nothing but the lock file
 
 
+@pytest.mark.distributed
+def test_a_locked_directory_refuses_every_process_of_a_launch(data, tmp_path):
+    """One lock per run: the first process takes it, and every process stops with the same one line."""
+    run_dir = tmp_path / "run"
+    with lock.RunLock(run_dir):
+        launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "-m", "latentlm.cli", *cli_args(run_dir, data)], env=subprocess_env(),
+                                capture_output=True, text=True, timeout=300)
+    output = launch.stdout + launch.stderr
+    assert launch.returncode != 0
+    refusals = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(refusals) == 2 and len(set(refusals)) == 1, output  # both processes, the same line
+    assert f"is being written by pid {os.getpid()} on host {socket.gethostname()}" in refusals[0]
+    assert {p.name for p in run_dir.iterdir()} == {".lock"}
+
+
 def test_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, caplog):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
@@ -297,12 +313,13 @@ def test_a_renamed_complete_checkpoint_directory_is_accepted(runs, data, tmp_pat
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_stop_signal_during_start_up_exits_3_with_nothing_saved(sig, data, tmp_path):
+@pytest.mark.parametrize(("moment", "sig"), [("import", signal.SIGTERM), ("startup", signal.SIGTERM),
+                                           ("startup", signal.SIGINT)])
+def test_stop_signal_during_start_up_exits_3_with_nothing_saved(moment, sig, data, tmp_path):
     """Bug 10: SIGTERM while the normalization was fitted exited 143 (missed by the requeue on exit 3)."""
     out = tmp_path / "out"
     out.mkdir()
-    proc = start_helper("startup", out, data)
+    proc = start_helper(moment, out, data)
     try:
         wait_for(out / "ready", proc)
         proc.send_signal(sig)
