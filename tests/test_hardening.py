@@ -160,6 +160,31 @@ def test_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, caplog):
     assert f"taking over the stale lock of pid {pid} on host {socket.gethostname()} (since then)" in caplog.text
 
 
+ORPHAN = """
+import os, sys, time
+from latentlm.lock import RunLock
+RunLock(sys.argv[1]).acquire()
+if os.fork() == 0:  # like a DataLoader worker: shares the locked descriptor
+    time.sleep(4)
+    os._exit(0)
+os._exit(0)  # dies without releasing, as under kill -9
+"""
+
+
+def test_a_killed_runs_leftover_children_are_waited_for(tmp_path, monkeypatch, caplog):
+    subprocess.run([sys.executable, "-c", ORPHAN, str(tmp_path)], env=subprocess_env(), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dead = json.loads((tmp_path / ".lock").read_text())["pid"]
+    monkeypatch.setattr(lock, "ORPHAN_WAIT_S", 0.0)
+    with pytest.raises(lock.RunLocked, match=f"was being written by pid {dead} .* which has died, but processes it "
+                                             "started still hold its lock"):
+        lock.RunLock(tmp_path).acquire()
+    monkeypatch.setattr(lock, "ORPHAN_WAIT_S", 60.0)
+    with lock.RunLock(tmp_path):  # waits for the child to exit
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert f"taking over the stale lock of pid {dead}" in caplog.text
+
+
 def test_without_flock_the_record_decides(tmp_path, monkeypatch, caplog):
     """Filesystems without flock: a live holder (here this very test process, seen from a 'new' lock) refuses,
     a dead one on this host is taken over."""

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+ORPHAN_WAIT_S = 30.0  # a killed run's DataLoader workers check for their parent every 5 s
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
 
 
@@ -50,6 +52,12 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # somebody else's live process
         return True
     return True
+
+
+def _dead_here(holder: dict[str, Any]) -> bool:
+    """Whether the lock record names a process of this host that no longer runs."""
+    pid = holder.get("pid")
+    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0 and not _pid_alive(pid)
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -81,13 +89,35 @@ class RunLock:
         return holder if isinstance(holder, dict) else {}
 
     def _refuse(self, holder: dict[str, Any]) -> RunLocked:
+        if _dead_here(holder):
+            return RunLocked(f"{self.target} was being written by {_describe(holder)}, which has died, but processes "
+                             f"it started still hold its lock; end them, or use another {self.option}")
         return RunLocked(f"{self.target} is being written by {_describe(holder)}; wait for it or use another "
                          f"{self.option}")
 
-    def acquire(self) -> None:
-        """Take the lock or raise ``RunLocked`` naming its holder (``ConfigError`` when its folder is unwritable)."""
+    def _flock(self, fd: int) -> bool:
+        """flock ``fd``: True once locked, False where the filesystem has no flock; ``RunLocked`` when a live
+        process holds it. A killed holder's forked children (DataLoader workers) keep its lock until they
+        notice, within seconds: wait up to ``ORPHAN_WAIT_S`` for them."""
         import fcntl
 
+        deadline = time.monotonic() + ORPHAN_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                holder = self._read_holder(fd)
+                if not _dead_here(holder) or time.monotonic() > deadline:
+                    raise self._refuse(holder) from None
+                time.sleep(0.2)
+            except OSError as err:
+                if err.errno in _NO_FLOCK:
+                    return False
+                raise
+
+    def acquire(self) -> None:
+        """Take the lock or raise ``RunLocked`` naming its holder (``ConfigError`` when its folder is unwritable)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -95,29 +125,20 @@ class RunLock:
             raise ConfigError(f"{self.option} {self.target}: cannot write to {self.path.parent} "
                               f"({err.strerror or err}); choose a writable directory") from err
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            flocked = True
-        except BlockingIOError:
+            flocked = self._flock(fd)
             holder = self._read_holder(fd)
+            if holder.get("pid") not in (None, os.getpid()) or holder.get("host") not in (None, socket.gethostname()):
+                if not flocked and not _dead_here(holder):  # no flock: only the record tells
+                    raise self._refuse(holder)
+                log.warning("%s: taking over the stale lock of %s, which is no longer running", self.target,
+                            _describe(holder))
+            record = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except BaseException:
             os.close(fd)
-            raise self._refuse(holder) from None
-        except OSError as err:
-            if err.errno not in _NO_FLOCK:
-                os.close(fd)
-                raise
-            flocked = False
-        holder = self._read_holder(fd)
-        if holder.get("pid") not in (None, os.getpid()) or holder.get("host") not in (None, socket.gethostname()):
-            same_host = holder.get("host") == socket.gethostname()
-            if not flocked and (not same_host or _pid_alive(int(holder.get("pid", 0)))):
-                os.close(fd)
-                raise self._refuse(holder)
-            log.warning("%s: taking over the stale lock of %s, which is no longer running", self.target,
-                        _describe(holder))
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+            raise
         self._fd = fd
 
     def release(self) -> None:
