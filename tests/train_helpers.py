@@ -164,6 +164,51 @@ def _ddp(out: Path, data: Path) -> None:
     (out / f"losses-rank{rank}.txt").write_text(repr(result.losses))
 
 
+def full_states(result) -> dict[str, dict]:
+    """A finished run's weights, EMA and AdamW state, whole and keyed by parameter name (every process must call
+    this under FSDP: it gathers; the first process gets the tensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"model": get_model_state_dict(result.model, options=options),
+            "ema": get_model_state_dict(result.ema, options=options),
+            "optimizer": get_optimizer_state_dict(result.model, result.optimizer, options=options)}
+
+
+def fsdp_config(out: Path, data: Path, strategy: str = "fsdp", **overrides) -> TrainConfig:
+    """The 2-process FSDP/DDP comparison run: 5 steps of 8 images in 2 micro-batches, AC on."""
+    values = dict(max_steps=5, batch_size=8, grad_accum_steps=2, strategy=strategy, activation_checkpointing=True,
+                  checkpoint_every=100)
+    return tiny_config(out, data, **{**values, **overrides})
+
+
+def _fsdp(out: Path, data: Path) -> None:
+    """Under ``torchrun``: FSDP 5 steps straight; FSDP stopped at step 3 and resumed to 5; DDP 5 steps. The first
+    process saves each run's whole weights, EMA and optimizer state as ``<run>.pt``."""
+    from latentlm.training.model import train
+
+    runs = {"fsdp": fsdp_config(out / "fsdp", data),
+            "fsdp-stopped": fsdp_config(out / "resumed", data, stop_at_step=3),
+            "fsdp-resumed": fsdp_config(out / "resumed", data, resume="auto"),
+            "ddp": fsdp_config(out / "ddp", data, strategy="ddp")}
+    for name, cfg in runs.items():
+        result = train(cfg)
+        states = full_states(result)
+        if int(os.environ["RANK"]) == 0:
+            torch.save({**states, "losses": result.losses}, out / f"{name}.pt")
+
+
+def _fsdp_one_process(out: Path, data: Path) -> None:
+    """One process resumes the 2-process FSDP run's step-3 checkpoint (DCP reshards) for 0 steps, then 2 more."""
+    from latentlm.training.model import train
+
+    step3 = str(out / "resumed" / "checkpoints" / "step-00000003")
+    torch.save(full_states(train(fsdp_config(out / "one", data, resume=step3, stop_at_step=3))), out / "one-step3.pt")
+    result = train(fsdp_config(out / "one", data, resume=step3))
+    torch.save({"step": result.step, "losses": result.losses}, out / "one-step5.pt")
+
+
 if __name__ == "__main__":
     mode, out_dir, data_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    {"sigkill": _sigkill, "sigterm": _sigterm, "ddp": _ddp}[mode](out_dir, data_dir)
+    {"sigkill": _sigkill, "sigterm": _sigterm, "ddp": _ddp, "fsdp": _fsdp, "fsdp-one": _fsdp_one_process}[mode](
+        out_dir, data_dir)

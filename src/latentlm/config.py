@@ -403,6 +403,7 @@ class SigmaVAEConfig:
 # ---------------------------------------------------------------------------------------------
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
+Strategy = Literal["ddp", "fsdp"]
 LRSchedule = Literal["cosine", "constant"]
 
 
@@ -461,6 +462,10 @@ class TrainConfig:
     cpu: bool = False  # train on CPU even when a GPU is visible
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (fp32 runs only)
     seed: int = 0  # model init, data order, noise; a run is reproducible from (config, seed)
+    # -- scale: sharding, memory, speed --
+    strategy: Strategy = "ddp"  # "fsdp": FSDP2, weights/grads/AdamW/EMA sharded over processes, one unit per block
+    activation_checkpointing: bool = False  # recompute each block in backward: far less activation memory, ~30% slower
+    compile: bool = False  # torch.compile the model's loss (the first steps compile, for minutes; faster after)
     # -- checkpoints and failures --
     checkpoint_every: int = 5_000  # steps between checkpoints (one is always written at the end)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a newer one is complete
@@ -486,6 +491,9 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum_steps="
                               f"{self.grad_accum_steps}")
+        if self.strategy == "fsdp" and self.mixed_precision == "fp16":
+            raise ConfigError("strategy=fsdp with mixed_precision=fp16 is not supported (no sharded loss scaler); "
+                              "use --mixed-precision bf16")
         try:
             self.model.validate()
         except ConfigError as err:

@@ -282,15 +282,19 @@ def start_rng(saved: Checkpoint | None, dist: Distributed, seed: int, step: int)
     torch.manual_seed(seed * 1000 + dist.rank + 1 + step)
 
 
-def save_checkpoint(dist: Distributed, output_dir: str, step: int, keep_last: int, **files: Any) -> Path:
+def save_checkpoint(dist: Distributed, output_dir: str, step: int, keep_last: int,
+                    write_shards: Callable[[Path], None] | None = None, **files: Any) -> Path:
     """Write the checkpoint of ``step`` from every process (``files``: what ``write_main_files`` takes, written
-    by the first process; every process writes its RNG), mark it complete, prune old ones."""
+    by the first process; ``write_shards(path)``, if given, runs on every process: FSDP's sharded weights;
+    every process writes its RNG), mark it complete, prune old ones."""
     path = ckpt_io.checkpoint_dir(output_dir, step)
     if dist.is_main:
         ckpt_io.begin_checkpoint(path)
     dist.barrier()
     if dist.is_main:
         ckpt_io.write_main_files(path, **files)
+    if write_shards is not None:
+        write_shards(path)
     ckpt_io.write_rng(path, dist.rank)
     dist.barrier()  # every file, RNG of all processes included, is on disk
     if dist.is_main:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -46,6 +47,7 @@ from latentlm.distributed import Distributed
 from latentlm.models import model_from_config
 from latentlm.tokenizers import Tokenizer, build_tokenizer, tokenizer_record
 from latentlm.tokenizers.normalization import fit_normalization
+from latentlm.training import sharding
 from latentlm.training.loop import (
     LoopResult,
     Precision,
@@ -82,8 +84,11 @@ class TrainResult:
     interrupted: bool  # stopped by SIGTERM/SIGUSR1 after writing `checkpoint`
     nonfinite_steps: int  # steps skipped for non-finite loss or gradients, whole run
     bad_images: int  # unreadable images skipped (all processes, every time one was drawn), whole run
-    model: nn.Module = dataclasses.field(repr=False)  # the trained weights (unwrapped, on the training device)
-    ema: nn.Module = dataclasses.field(repr=False)  # their EMA (what samples use)
+    # The trained weights (unwrapped, on the training device) and their EMA (what samples use); under
+    # --strategy fsdp both are the sharded modules (``sharding.full_state_dict`` gathers them)
+    model: nn.Module = dataclasses.field(repr=False)
+    ema: nn.Module = dataclasses.field(repr=False)
+    optimizer: torch.optim.Optimizer = dataclasses.field(repr=False)  # its AdamW (moments keyed like the weights)
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
@@ -105,6 +110,14 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list
         if p.requires_grad:
             (no_decay if p.ndim < 2 or id(p) in embedding else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups``: the fused CUDA kernel on GPUs (one launch for all parameters), the
+    multi-tensor (foreach) implementation elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_all_params), lr=cfg.lr,
+                             betas=tuple(cfg.betas), eps=cfg.eps, fused=fused, foreach=not fused)
 
 
 def architecture_changes(saved: ModelConfig, current: ModelConfig) -> tuple[list[str], list[str]]:
@@ -174,16 +187,26 @@ def _normalize(cfg: TrainConfig, tokenizer: Tokenizer, dataset: Dataset, saved: 
 def _restore(saved: Checkpoint, cfg: TrainConfig, model: nn.Module, ema: nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, dist: Distributed) -> None:
     """Load weights, EMA, optimizer moments and schedule from ``saved``; ``state`` takes its counters."""
+    layout = "fsdp" if saved.sharded else "ddp"
+    if saved.weights_only:
+        raise ConfigError(f"{saved.path} holds exported weights only (no optimizer state); resume from a checkpoint "
+                          "of the run itself")
+    if layout != cfg.strategy:
+        raise ConfigError(f"{saved.path} was written by a --strategy {layout} run (sharded: {saved.sharded}); resume "
+                          f"it with --strategy {layout}")
     arch, other = architecture_changes(from_dict(ModelConfig, saved.train_config["model"]), cfg.model)
     if arch and not cfg.allow_arch_change:
         raise ConfigError(f"{saved.path} has a different architecture ({'; '.join(arch)}); resume with the "
                           "original model options or pass --allow-arch-change")
     if arch or other:
         log.warning("resuming with changed model options: %s", "; ".join(arch + other))
-    model.load_state_dict(saved.model)
-    ema.load_state_dict(saved.ema)
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(saved.optimizer)
+    if saved.sharded:
+        sharding.load(saved.path, model, ema, optimizer)
+    else:
+        model.load_state_dict(saved.model)
+        ema.load_state_dict(saved.ema)
+        optimizer.load_state_dict(saved.optimizer)
     scheduler.load_state_dict(saved.schedule["scheduler"])
     # Moments come from the checkpoint, settings (LR, betas, eps, weight decay) from this config; with an
     # unchanged config both agree bit for bit.
@@ -237,9 +260,13 @@ class ModelTrainer:
         self.dist, self.device, self.dataset_size = dist, dist.device, len(dataset)
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
         model = model_from_config(model_cfg).to(dist.device)
+        model.set_activation_checkpointing(cfg.activation_checkpointing)
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_all_params), lr=cfg.lr,
-                                      betas=tuple(cfg.betas), eps=cfg.eps)
+        self.fsdp = cfg.strategy == "fsdp"
+        if self.fsdp:  # weights, gradients, AdamW moments and the EMA sharded alike over the processes
+            model = sharding.shard(model, dist, cfg.mixed_precision)
+            self.ema = sharding.shard(self.ema, dist, None)
+        optimizer = make_optimizer(model, cfg, dist.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
         self.precision = Precision(cfg.mixed_precision, dist.device)
         self.state = TrainState(global_micro_batch=micro_batch * dist.world_size, dataset_size=len(dataset),
@@ -248,14 +275,21 @@ class ModelTrainer:
             _restore(saved, cfg, model, self.ema, optimizer, self.scheduler, self.state, dist)
             self.precision.load_state_dict(saved.schedule.get("scaler"))
         self.accelerator = make_accelerator(dist.device)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.fsdp:
+            self.model, self.optimizer = model, optimizer
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.raw_model = self.accelerator.unwrap_model(self.model)
+        # The model's loss, compiled on request (the first steps compile; dynamic=False: one graph per shape)
+        self.loss_fn = torch.compile(self.model, dynamic=False) if cfg.compile else self.model
         if dist.is_main:
             log.info("%s (%s): %.2fM parameters; latents %s; %d classes; %d images; %d process(es), micro-batch %d, "
-                     "%d accumulation step(s), global batch %d; device %s, precision %s", model_cfg.name,
-                     model_cfg.family, sum(p.numel() for p in model.parameters()) / 1e6,
+                     "%d accumulation step(s), global batch %d; device %s, precision %s, strategy %s%s%s",
+                     model_cfg.name, model_cfg.family, sum(p.numel() for p in model.parameters()) / 1e6,
                      (latent[0], latent[1], latent[1]), num_classes, len(dataset), dist.world_size, micro_batch,
-                     cfg.grad_accum_steps, cfg.batch_size, dist.device, cfg.mixed_precision)
+                     cfg.grad_accum_steps, cfg.batch_size, dist.device, cfg.mixed_precision, cfg.strategy,
+                     ", activation checkpointing" if cfg.activation_checkpointing else "",
+                     ", compiled" if cfg.compile else "")
         # Data order, monitoring ------------------------------------------------------------------
         start_rng(saved, dist, cfg.seed, self.state.step)
         sampler = ShardedBatchSampler(len(dataset), micro_batch, dist.rank, dist.world_size, cfg.seed,
@@ -300,10 +334,11 @@ class ModelTrainer:
                 used += 1
                 labels = labels.to(self.device, non_blocking=True)
                 latents = self.source.latents(inputs, self.device)
-            sync = micro == cfg.grad_accum_steps - 1
+            # DDP all-reduces on the last micro-batch only; FSDP reduce-scatters each one into the sharded gradients
+            sync = micro == cfg.grad_accum_steps - 1 or self.fsdp
             with self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext():
                 with self.precision.autocast():
-                    loss = self.model(latents, labels).float()  # scalar: the model owns its diffusion loss
+                    loss = self.loss_fn(latents, labels).float()  # scalar: the model owns its diffusion loss
                 if inputs is None:
                     loss = loss * 0.0
                 self.precision.backward(loss / cfg.grad_accum_steps)
@@ -324,8 +359,9 @@ class ModelTrainer:
         check_bad_fraction(state.bad_images, max(state.images_drawn, self.dataset_size), cfg.data.max_bad_fraction,
                            list(self.seen_bad.values()), where=f"step {state.step + 1}: ")
         self.precision.unscale(self.optimizer)
-        self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
-                                                          cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        self.grad_norm = (sharding.clip_grad_norm(self.model, max_norm) if self.fsdp
+                          else self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
         finite = bool(torch.isfinite(step_loss) & torch.isfinite(self.grad_norm))
         # Update: a non-finite step leaves weights, EMA and optimizer state untouched. Under fp16 the
         # GradScaler must still see the step (it skips it itself and lowers its scale).
@@ -381,18 +417,34 @@ class ModelTrainer:
                                     ("images_per_s", images_per_s), ("nonfinite_steps", state.nonfinite_total)):
                     self.writer.add_scalar(f"train/{name}", value, state.step)
             self.window_start, self.window_steps, self.window_overhead = time.perf_counter(), 0, 0.0
-        if self.dist.is_main and cfg.sample_every and state.step % cfg.sample_every == 0:
+        if cfg.sample_every and state.step % cfg.sample_every == 0 and (self.dist.is_main or self.fsdp):
             started = time.perf_counter()
             self._sample_grid()
             self.window_overhead += time.perf_counter() - started
         return postfix
 
+    def _grid_model(self) -> nn.Module | None:
+        """What the grids sample from on the first process: the EMA, gathered whole when it is sharded (every
+        process takes part in the gather; the others get None)."""
+        if not self.fsdp:
+            return self.ema
+        state = sharding.full_state_dict(self.ema)
+        if not self.dist.is_main:
+            return None
+        with torch.device("meta"):
+            ema = model_from_config(self.raw_model.config)
+        ema.load_state_dict(state, assign=True)
+        return ema.to(self.device).eval()
+
     def _sample_grid(self) -> None:
+        ema = self._grid_model()
+        if ema is None:
+            return
         # fork_rng: sampling on the main process only must not shift its training RNG stream
         try:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
                     self.precision.autocast():
-                grid = sample_grid(self.ema, self.tokenizer, self.grid_classes, 4, self.cfg.sampler, self.cfg.seed,
+                grid = sample_grid(ema, self.tokenizer, self.grid_classes, 4, self.cfg.sampler, self.cfg.seed,
                                    self.names)
             samples = Path(self.cfg.output_dir) / "samples"
             samples.mkdir(exist_ok=True)
@@ -405,17 +457,24 @@ class ModelTrainer:
         """The checkpoint of this step. Weights are checked on every process first (they are identical across
         processes), so non-finite weights raise ``TrainingDiverged`` everywhere and nothing is written."""
         started = time.perf_counter()
-        model_state, ema_state = self.raw_model.state_dict(), self.ema.state_dict()
+        model_state = ema_state = optimizer_state = write_shards = None
         try:
-            ckpt_io.check_finite(model_state, "model")
-            ckpt_io.check_finite(ema_state, "EMA")
+            if self.fsdp:  # weights, EMA and optimizer go to sharded/ from every process
+                sharding.check_finite(model=self.raw_model, EMA=self.ema)
+                write_shards = functools.partial(sharding.save, model=self.raw_model, ema=self.ema,
+                                                 optimizer=self.optimizer)
+            else:
+                model_state, ema_state = self.raw_model.state_dict(), self.ema.state_dict()
+                optimizer_state = self.optimizer.state_dict()
+                ckpt_io.check_finite(model_state, "model")
+                ckpt_io.check_finite(ema_state, "EMA")
         except ckpt_io.NonFiniteWeightsError as err:
             raise TrainingDiverged(f"step {self.state.step}: {err}; the last complete checkpoint is intact. Lower "
                                    "--lr or check the data") from err
         self.last_checkpoint = save_checkpoint(
-            self.dist, self.cfg.output_dir, self.state.step, self.cfg.keep_last, model=model_state, ema=ema_state,
-            config={"train": to_dict(self.cfg), "class_names": self.names}, tokenizer=self.tokenizer_info,
-            state=self.state.to_dict(), optimizer=self.optimizer.state_dict(),
+            self.dist, self.cfg.output_dir, self.state.step, self.cfg.keep_last, write_shards=write_shards,
+            model=model_state, ema=ema_state, config={"train": to_dict(self.cfg), "class_names": self.names},
+            tokenizer=self.tokenizer_info, state=self.state.to_dict(), optimizer=optimizer_state,
             schedule={"scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict()})
         self.window_overhead += time.perf_counter() - started
         return self.last_checkpoint
@@ -429,7 +488,8 @@ class ModelTrainer:
             log.info("finished at step %d; checkpoint %s", state.step, result.checkpoint)
         return TrainResult(step=state.step, losses=state.losses, run_dir=run_dir, checkpoint=result.checkpoint,
                            interrupted=result.interrupted, nonfinite_steps=state.nonfinite_total,
-                           bad_images=state.bad_images, model=self.raw_model, ema=self.ema)
+                           bad_images=state.bad_images, model=self.raw_model, ema=self.ema,
+                           optimizer=getattr(self.optimizer, "optimizer", self.optimizer))  # unwrapped
 
     def close(self) -> None:
         if self.writer is not None:
