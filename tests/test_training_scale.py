@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentlm import get_config, model_from_config
-from latentlm.memory import saved_tensor_bytes
+from latentlm import cli, get_config, list_models, model_from_config
+from latentlm.memory import GiB, format_plan, plan_memory, saved_tensor_bytes
 from latentlm.training.model import train
 from train_helpers import make_image_folder, tiny_config
 
@@ -86,3 +86,54 @@ def test_trainer_switches_reach_model_and_optimizer(tmp_path):
     assert result.losses == pytest.approx(plain.losses, rel=1e-6)
     for (name, a), b in zip(plain.model.state_dict().items(), result.model.state_dict().values(), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands: plan-memory, export-weights; options that cannot work
+# ---------------------------------------------------------------------------------------------
+
+
+def run_main(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    return exit_info.value.code
+
+
+def test_plan_memory_prints_the_planner_numbers(capsys):
+    args = ["plan-memory", "--model", "Transformer-3B", "--gpus", "8", "--batch-size", "256", "--strategy", "fsdp"]
+    assert run_main([*args, "--activation-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    plan = plan_memory(get_config("Transformer-3B"), 8, 256, strategy="fsdp", activation_checkpointing=True)
+    row = next(line for line in out.splitlines() if line.startswith("| Transformer-3B"))
+    assert row == format_plan([plan]).splitlines()[-1]
+    assert f"| {plan.weights / GiB:.1f} | {plan.gradients / GiB:.1f} | {plan.optimizer / GiB:.1f} |" in row
+    assert row.endswith("| yes |") and "fits: Transformer-3B" in out
+    assert run_main(["plan-memory", "--model", "Transformer-3B", "--gpus", "1", "--batch-size", "256"]) == 1
+    assert "does not fit: Transformer-3B" in capsys.readouterr().out
+
+
+def test_plan_memory_all_presets(capsys):
+    run_main(["plan-memory", "--model", "all", "--gpus", "8", "--batch-size", "256", "--strategy", "fsdp"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows[1:]] == list_models()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["plan-memory", "--model", "Transformer-Huge"], "error: model=Transformer-Huge: unknown preset; choose 'all'"),
+    (["plan-memory", "--gpus", "0"], "error: gpus=0: must be >= 1"),
+    (["plan-memory", "--gpus", "3", "--batch-size", "256"], "error: batch_size=256 is not divisible by gpus x"),
+    (["plan-memory", "--gpu-memory-gb", "-1"], "error: gpu_memory_gb=-1.0: must be a number > 0"),
+    (["export-weights", "--checkpoint", "/no/run", "--out", "x"], "error: checkpoint=/no/run: no such directory"),
+    (["train", "--strategy", "fsdp", "--mixed-precision", "fp16"], "error: strategy=fsdp with mixed_precision=fp16"),
+])
+def test_bad_values_exit_2_with_one_line(argv, message, capsys):
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err, err
+
+
+def test_export_refuses_an_incomplete_checkpoint(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints" / "step-00000002").mkdir(parents=True)
+    assert run_main(["export-weights", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "step-00000002"),
+                     "--out", str(tmp_path / "out")]) == 2
+    assert "is incomplete: no COMPLETE marker" in capsys.readouterr().err

@@ -808,6 +808,44 @@ class VaeRoundtripConfig:
 
 
 @dataclass
+class PlanMemoryConfig:
+    """`latentlm plan-memory`: per-GPU memory of training a preset (``latentlm.memory``: weights, gradients,
+    AdamW, EMA, activations, total) and whether it fits, before renting the GPUs. No model is built."""
+
+    model: str = "Transformer-Medium"  # a preset (latentlm.models.list_models()), or "all" for every preset
+    gpus: int = 8  # processes, one GPU each
+    batch_size: int = 256  # global images per optimizer step
+    grad_accum_steps: int = 1  # micro-batches per step: per-GPU micro-batch = batch / (gpus x this)
+    strategy: Strategy = "ddp"  # "fsdp": weights, gradients, AdamW and EMA sharded over the GPUs
+    activation_checkpointing: bool = False  # keep only each block's input, recompute in backward
+    mixed_precision: MixedPrecision = "bf16"
+    gpu_memory_gb: float = 80  # memory of one GPU in GiB (an "80 GB" H100 has 80 GiB)
+
+    def validate(self) -> None:
+        _at_least(self, 1, "gpus", "batch_size", "grad_accum_steps")
+        if not (math.isfinite(self.gpu_memory_gb) and self.gpu_memory_gb > 0):
+            raise ConfigError(f"gpu_memory_gb={self.gpu_memory_gb}: must be a number > 0")
+        if self.batch_size % (self.gpus * self.grad_accum_steps):
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by gpus x grad_accum_steps = "
+                              f"{self.gpus} x {self.grad_accum_steps}; choose a multiple of "
+                              f"{self.gpus * self.grad_accum_steps}")
+
+
+@dataclass
+class ExportWeightsConfig:
+    """`latentlm export-weights`: a checkpoint's weights and EMA consolidated into ``model.safetensors`` and
+    ``ema.safetensors`` (an FSDP run's are sharded), as a run directory that ``sample``, ``sample-many`` and
+    ``evaluate`` read. The run's optimizer state stays in the run: resume from the run itself."""
+
+    checkpoint: str  # a checkpoint directory, or a run directory (its newest complete checkpoint)
+    out: str  # the run directory to create: <out>/checkpoints/step-<N>/ (must hold no checkpoints yet)
+
+    def validate(self) -> None:
+        if not Path(self.checkpoint).exists():
+            raise ConfigError(f"checkpoint={self.checkpoint}: no such directory (a checkpoint or a run directory)")
+
+
+@dataclass
 class ImportReferenceConfig:
     """`latentlm import-reference`: a checkpoint of the reference LatentLM code (``train_hf.py``'s
     ``checkpoint-<step>/`` or its run's ``latest`` file) plus its tokenizer file -> a latentlm run directory
