@@ -45,6 +45,7 @@ from latentlm.data import (
 )
 from latentlm.distributed import Distributed
 from latentlm.models import model_from_config
+from latentlm.models.generation import check_labels
 from latentlm.tokenizers import Tokenizer, build_tokenizer, tokenizer_record
 from latentlm.tokenizers.normalization import fit_normalization
 from latentlm.training import sharding
@@ -332,6 +333,7 @@ class ModelTrainer:
                 labels = torch.zeros(1, dtype=torch.long, device=self.device)
             else:
                 used += 1
+                check_labels(labels, self.raw_model.config.num_classes, allow_null=False)  # on the CPU: no sync
                 labels = labels.to(self.device, non_blocking=True)
                 latents = self.source.latents(inputs, self.device)
             # DDP all-reduces on the last micro-batch only; FSDP reduce-scatters each one into the sharded gradients
