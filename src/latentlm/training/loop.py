@@ -93,9 +93,12 @@ def ema_decay_at(update: int, decay: float, warmup: bool = True) -> float:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """e <- e + (1 - decay)(p - e) for the (fp32 master) parameters; buffers are copied."""
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p, 1 - decay)
+    """e <- e + (1 - decay)(p - e) for the (fp32 master) parameters, in one multi-tensor op (FSDP: on the
+    local shards, which the EMA shares with the weights); buffers are copied."""
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    if len(ema_params) != len(params):
+        raise ValueError(f"the EMA has {len(ema_params)} parameters, the model {len(params)}")
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers(), strict=True):
         e.copy_(b)
 

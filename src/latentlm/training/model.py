@@ -113,6 +113,19 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_models(cfg: TrainConfig, dist: Distributed) -> tuple[nn.Module, nn.Module]:
+    """The model of ``cfg.model`` and its EMA on ``dist.device``, identical on every process (seeded by
+    ``cfg.seed``), with the run's activation checkpointing; under ``--strategy fsdp`` both are sharded alike
+    over the processes (weights, then gradients and AdamW moments, and the EMA: 1/world each)."""
+    torch.manual_seed(cfg.seed)
+    model = model_from_config(cfg.model).to(dist.device)
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.strategy == "fsdp":
+        model, ema = sharding.shard(model, dist, cfg.mixed_precision), sharding.shard(ema, dist, None)
+    return model, ema
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over ``param_groups``: the fused CUDA kernel on GPUs (one launch for all parameters), the
     multi-tensor (foreach) implementation elsewhere."""
@@ -259,14 +272,8 @@ class ModelTrainer:
             raise ConfigError(f"model: {err}") from err
         self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)  # the resolved config is what checkpoints store
         self.dist, self.device, self.dataset_size = dist, dist.device, len(dataset)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every process
-        model = model_from_config(model_cfg).to(dist.device)
-        model.set_activation_checkpointing(cfg.activation_checkpointing)
-        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         self.fsdp = cfg.strategy == "fsdp"
-        if self.fsdp:  # weights, gradients, AdamW moments and the EMA sharded alike over the processes
-            model = sharding.shard(model, dist, cfg.mixed_precision)
-            self.ema = sharding.shard(self.ema, dist, None)
+        model, self.ema = build_models(cfg, dist)
         optimizer = make_optimizer(model, cfg, dist.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
         self.precision = Precision(cfg.mixed_precision, dist.device)
