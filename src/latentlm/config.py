@@ -442,6 +442,7 @@ class TrainConfig:
     # -- schedule --
     max_steps: int = 200_000  # optimizer steps; also the length of the cosine decay
     stop_at_step: int | None = None  # checkpoint and stop here without changing the LR schedule (time limits)
+    max_flops: float | None = None  # training FLOPs budget replacing max_steps: run and cosine end where it is reached
     batch_size: int = 256  # global images per optimizer step (all processes x all accumulation micro-steps)
     grad_accum_steps: int = 1  # micro-batches per optimizer step; per-process micro-batch = batch / (procs x this)
     # -- optimizer (AdamW) --
@@ -461,6 +462,7 @@ class TrainConfig:
     mixed_precision: MixedPrecision = "bf16"  # "fp16" needs a CUDA GPU; use "no" on CPU (bf16 matmul is slow there)
     cpu: bool = False  # train on CPU even when a GPU is visible
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (fp32 runs only)
+    peak_tflops: float | None = None  # per-GPU peak for the logged MFU (default: dense BF16 datasheet peak of the card)
     seed: int = 0  # model init, data order, noise; a run is reproducible from (config, seed)
     # -- scale: sharding, memory, speed --
     strategy: Strategy = "ddp"  # "fsdp": FSDP2, weights/grads/AdamW/EMA sharded over processes, one unit per block
@@ -477,7 +479,7 @@ class TrainConfig:
     sample_every: int = 5_000  # steps between sample-grid PNGs from the EMA weights (0: never)
     sample_classes: int = 8  # classes in those grids (spread evenly over all classes), 4 images each
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # for the grids
-    tensorboard: bool = True  # scalars (loss, LR, grad norm, images/s) under output_dir/tb
+    tensorboard: bool = True  # scalars (loss, LR, grad norm, images/s, FLOPs, TFLOP/s, MFU) under output_dir/tb
     progress: bool = True  # tqdm bar with loss, LR and images/s
 
     def validate(self) -> None:
@@ -488,6 +490,10 @@ class TrainConfig:
         _check_optimizer(self)
         if not (math.isfinite(self.eps) and self.eps >= 0):
             raise ConfigError(f"eps={self.eps}: must be a finite number >= 0")
+        for name in ("max_flops", "peak_tflops"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name}={value}: must be a finite number > 0 (or unset)")
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum_steps="
                               f"{self.grad_accum_steps}")

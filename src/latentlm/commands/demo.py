@@ -182,7 +182,7 @@ def _train_and_score(cfg: DemoConfig, key: str, preset: str, steps: int, phase: 
     make_grid(images[best["cfg_scale"]][grid_index.flatten()], rows=10, row_labels=[str(c) for c in range(10)]
               ).save(run_dir / f"{key}_grid.png")
     fixed = next(p for p in points if p["cfg_scale"] == cfg.sampler.cfg_scale)
-    return {"steps": steps, "train_flops": training_flops(result.model.config, cfg.batch_size) * steps,
+    return {"steps": steps, "train_flops": result.train_flops,
             "train_seconds": train_seconds, "final_loss": result.losses[-1], "sweep": points, "fixed": fixed,
             "best": best, "model_config": to_dict(result.model.config)}
 

@@ -59,6 +59,7 @@ class TrainState:
     nonfinite_consecutive: int = 0
     bad_images: int = 0  # unreadable images skipped (all processes, every time one was drawn), whole run
     images_drawn: int = 0  # images drawn (all processes), whole run
+    train_flops: int = 0  # counted training FLOPs (forward + backward, latentlm.flops), whole run
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

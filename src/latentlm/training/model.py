@@ -44,6 +44,7 @@ from latentlm.data import (
     subset_batches,
 )
 from latentlm.distributed import Distributed
+from latentlm.flops import peak_tflops, training_flops
 from latentlm.models import model_from_config
 from latentlm.models.generation import check_labels
 from latentlm.tokenizers import Tokenizer, build_tokenizer, tokenizer_record
@@ -85,6 +86,7 @@ class TrainResult:
     interrupted: bool  # stopped by SIGTERM/SIGUSR1 after writing `checkpoint`
     nonfinite_steps: int  # steps skipped for non-finite loss or gradients, whole run
     bad_images: int  # unreadable images skipped (all processes, every time one was drawn), whole run
+    train_flops: int  # counted training FLOPs (forward + backward), whole run
     # The trained weights (unwrapped, on the training device) and their EMA (what samples use); under
     # --strategy fsdp both are the sharded modules (``sharding.full_state_dict`` gathers them)
     model: nn.Module = dataclasses.field(repr=False)
@@ -132,6 +134,26 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     fused = device.type == "cuda"
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_all_params), lr=cfg.lr,
                              betas=tuple(cfg.betas), eps=cfg.eps, fused=fused, foreach=not fused)
+
+
+def done_flops(state: TrainState, flops_per_step: int) -> int:
+    """Training FLOPs a checkpoint's run has counted; checkpoints written before FLOPs were counted get
+    ``step x flops_per_step``."""
+    return state.train_flops if state.train_flops or not state.step else state.step * flops_per_step
+
+
+def budget_steps(max_flops: float, state: TrainState, flops_per_step: int) -> int:
+    """The step at which a run that has counted ``state.train_flops`` by ``state.step`` reaches ``max_flops``:
+    the first step whose counted FLOPs are >= the budget (at least 1 for a fresh run)."""
+    remaining = max(0, math.ceil(max_flops) - state.train_flops)
+    return max(state.step + -(-remaining // flops_per_step), 1)
+
+
+def device_peak_tflops(cfg: TrainConfig, device: torch.device) -> float | None:
+    """Per-device peak TFLOP/s for MFU: ``--peak-tflops``, else the GPU's datasheet peak, else None (CPUs)."""
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops
+    return peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def architecture_changes(saved: ModelConfig, current: ModelConfig) -> tuple[list[str], list[str]]:
@@ -239,6 +261,7 @@ def _restore(saved: Checkpoint, cfg: TrainConfig, model: nn.Module, ema: nn.Modu
     state.step, state.data_position, state.losses = old.step, old.data_position, list(old.losses)
     state.nonfinite_total, state.nonfinite_consecutive = old.nonfinite_total, old.nonfinite_consecutive
     state.bad_images, state.images_drawn = old.bad_images, old.images_drawn
+    state.train_flops = done_flops(old, training_flops(cfg.model, cfg.batch_size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +293,11 @@ class ModelTrainer:
             model_cfg.validate()
         except ConfigError as err:
             raise ConfigError(f"model: {err}") from err
+        self.flops_per_step = training_flops(model_cfg, cfg.batch_size)  # forward + backward, all processes
+        if cfg.max_flops is not None:
+            cfg = self._budgeted(cfg, saved, dist)
         self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)  # the resolved config is what checkpoints store
+        self.peak_tflops = device_peak_tflops(cfg, dist.device)
         self.dist, self.device, self.dataset_size = dist, dist.device, len(dataset)
         self.fsdp = cfg.strategy == "fsdp"
         model, self.ema = build_models(cfg, dist)
@@ -317,6 +344,16 @@ class ModelTrainer:
             self.writer = SummaryWriter(log_dir=str(Path(cfg.output_dir) / "tb"), purge_step=self.state.step + 1)
         self.window_start, self.window_steps, self.window_overhead = time.perf_counter(), 0, 0.0
         self.grad_norm = torch.zeros(())
+
+    def _budgeted(self, cfg: TrainConfig, saved: Checkpoint | None, dist: Distributed) -> TrainConfig:
+        """``cfg`` with ``max_steps`` set to the step where the counted FLOPs reach ``max_flops``."""
+        done = TrainState.from_dict(saved.state) if saved is not None else TrainState()
+        done.train_flops = done_flops(done, self.flops_per_step)
+        steps = budget_steps(cfg.max_flops, done, self.flops_per_step)
+        if dist.is_main:
+            log.info("compute budget %.4g FLOPs: %d steps of %.4g FLOPs (%d images); max_steps %d -> %d",
+                     cfg.max_flops, steps, self.flops_per_step, cfg.batch_size, cfg.max_steps, steps)
+        return dataclasses.replace(cfg, max_steps=steps)
 
     def _micro_batches(self) -> tuple[torch.Tensor, int, int]:
         """Forward/backward over the micro-batches of one step (gradients sync on the last only):
@@ -385,6 +422,7 @@ class ModelTrainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
             self.scheduler.step()
         state.step += 1
+        state.train_flops += self.flops_per_step  # skipped steps did their forward and backward too
         self.window_steps += 1
         state.losses.append(step_loss.item())
         self._count_nonfinite(updated, step_loss)
@@ -417,13 +455,20 @@ class ModelTrainer:
             images_per_s = self.window_steps * cfg.batch_size / max(elapsed, 1e-9)  # sampling/saving excluded
             recent = [v for v in state.losses[-self.window_steps:] if math.isfinite(v)]
             mean_loss = sum(recent) / len(recent) if recent else math.nan
+            tflops = self.window_steps * self.flops_per_step / max(elapsed, 1e-9) / 1e12  # all processes
+            mfu = tflops / (self.peak_tflops * self.dist.world_size) if self.peak_tflops else None
             postfix = {"loss": f"{mean_loss:.4f}", "lr": f"{lr_now:.2e}", "img_s": f"{images_per_s:.1f}"}
+            if mfu is not None:
+                postfix["mfu"] = f"{mfu:.1%}"
             if self.dist.is_main:
-                log.info("step %d/%d loss %.4f lr %.3e grad_norm %.3g images/s %.1f", state.step, cfg.max_steps,
-                         mean_loss, lr_now, self.grad_norm.item(), images_per_s)
+                log.info("step %d/%d loss %.4f lr %.3e grad_norm %.3g images/s %.1f TFLOP/s %.4g%s FLOPs %.4g",
+                         state.step, cfg.max_steps, mean_loss, lr_now, self.grad_norm.item(), images_per_s, tflops,
+                         "" if mfu is None else f" MFU {mfu:.1%}", state.train_flops)
             if self.writer is not None:
-                for name, value in (("loss", mean_loss), ("lr", lr_now), ("grad_norm", self.grad_norm.item()),
-                                    ("images_per_s", images_per_s), ("nonfinite_steps", state.nonfinite_total)):
+                scalars = [("loss", mean_loss), ("lr", lr_now), ("grad_norm", self.grad_norm.item()),
+                           ("images_per_s", images_per_s), ("nonfinite_steps", state.nonfinite_total),
+                           ("flops", float(state.train_flops)), ("tflops_per_s", tflops)]
+                for name, value in scalars + ([("mfu", mfu)] if mfu is not None else []):
                     self.writer.add_scalar(f"train/{name}", value, state.step)
             self.window_start, self.window_steps, self.window_overhead = time.perf_counter(), 0, 0.0
         if cfg.sample_every and state.step % cfg.sample_every == 0 and (self.dist.is_main or self.fsdp):
@@ -494,11 +539,12 @@ class ModelTrainer:
             save_loss_curve(state.losses, run_dir / "loss.png")
         self.dist.barrier()
         if state.step >= end_step and not result.interrupted and self.dist.is_main:
-            log.info("finished at step %d; checkpoint %s", state.step, result.checkpoint)
+            log.info("finished at step %d (%.4g training FLOPs counted); checkpoint %s", state.step,
+                     state.train_flops, result.checkpoint)
         return TrainResult(step=state.step, losses=state.losses, run_dir=run_dir, checkpoint=result.checkpoint,
                            interrupted=result.interrupted, nonfinite_steps=state.nonfinite_total,
-                           bad_images=state.bad_images, model=self.raw_model, ema=self.ema,
-                           optimizer=getattr(self.optimizer, "optimizer", self.optimizer))  # unwrapped
+                           bad_images=state.bad_images, train_flops=state.train_flops, model=self.raw_model,
+                           ema=self.ema, optimizer=getattr(self.optimizer, "optimizer", self.optimizer))  # unwrapped
 
     def close(self) -> None:
         if self.writer is not None:
@@ -534,6 +580,7 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
     # Setup, loop, finish ----------------------------------------------------------------------------
     with run_logging(run_dir, dist), tf32_matmuls(dist.device.type == "cuda" and cfg.allow_tf32):
         trainer = ModelTrainer(cfg, dist, dataset, tokenizer, (latent_c, latent_h), micro_batch)
+        cfg = trainer.cfg  # resolved: max_steps follows max_flops when that is set
         end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
         try:
             trainer.model.train()  # important: enables label dropout, which trains the null class for CFG
