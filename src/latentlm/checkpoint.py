@@ -104,8 +104,9 @@ def write_main_files(
     for name, weights in (("model", model), ("EMA", ema)):
         if weights is not None:
             check_finite(weights, name)
-    if model is not None and ema is not None:
+    if model is not None:
         write_safetensors(path / "model.safetensors", model)
+    if ema is not None:
         write_safetensors(path / "ema.safetensors", ema)
     write_json(path / "config.json", config)
     write_json(path / "tokenizer.json", tokenizer)

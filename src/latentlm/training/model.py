@@ -228,8 +228,8 @@ def _restore(saved: Checkpoint, cfg: TrainConfig, model: nn.Module, ema: nn.Modu
         raise ConfigError(f"{saved.path} holds exported weights only (no optimizer state); resume from a checkpoint "
                           "of the run itself")
     if layout != cfg.strategy:
-        raise ConfigError(f"{saved.path} was written by a --strategy {layout} run (sharded: {saved.sharded}); resume "
-                          f"it with --strategy {layout}")
+        raise ConfigError(f"{saved.path} was written by a --strategy {layout} run ({'' if saved.sharded else 'not '}"
+                          f"sharded); resume it with --strategy {layout}")
     arch, other = architecture_changes(from_dict(ModelConfig, saved.train_config["model"]), cfg.model)
     if arch and not cfg.allow_arch_change:
         raise ConfigError(f"{saved.path} has a different architecture ({'; '.join(arch)}); resume with the "
