@@ -99,7 +99,7 @@ def fsdp_runs(tmp_path_factory):
 @pytest.mark.slow  # one torchrun launch of 4 runs (~45 s, shared)
 @pytest.mark.distributed
 def test_fsdp_trains_like_ddp(fsdp_runs):
-    _, states = fsdp_runs
+    out, states = fsdp_runs
     fsdp, ddp = states["fsdp"], states["ddp"]
     assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-5)
     for part in ("model", "ema"):
@@ -108,6 +108,7 @@ def test_fsdp_trains_like_ddp(fsdp_runs):
             assert torch.allclose(tensor, ddp[part][name], rtol=1e-4, atol=1e-6), f"{part}.{name}"
     moved = [not torch.equal(fsdp["model"][k], states["fsdp-stopped"]["model"][k]) for k in fsdp["model"]]
     assert any(moved)  # steps 4-5 trained
+    assert (out / "fsdp" / "samples" / "step-00000005.png").is_file()  # the sharded EMA, gathered for the grid
 
 
 @pytest.mark.slow  # one torchrun launch of 4 runs (~45 s, shared)

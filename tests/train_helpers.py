@@ -187,7 +187,7 @@ def _fsdp(out: Path, data: Path) -> None:
     process saves each run's whole weights, EMA and optimizer state as ``<run>.pt``."""
     from latentlm.training.model import train
 
-    runs = {"fsdp": fsdp_config(out / "fsdp", data),
+    runs = {"fsdp": fsdp_config(out / "fsdp", data, sample_every=5),  # a grid from the gathered EMA at the end
             "fsdp-stopped": fsdp_config(out / "resumed", data, stop_at_step=3),
             "fsdp-resumed": fsdp_config(out / "resumed", data, resume="auto"),
             "ddp": fsdp_config(out / "ddp", data, strategy="ddp")}
