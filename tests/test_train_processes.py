@@ -141,6 +141,8 @@ def test_fsdp_checkpoint_reads_consolidated_and_reshards_to_one_process(fsdp_run
     # One process loads the 2-process shards exactly (DCP reshards), optimizer included, and trains on
     assert_states_equal(states["one-step3"], {k: stopped[k] for k in ("model", "ema", "optimizer")}, "one process")
     assert states["one-step5"]["step"] == 5 and all(math.isfinite(v) for v in states["one-step5"]["losses"])
+    direct = load_trained(out / "resumed")  # sampling reads a sharded checkpoint as it is
+    assert_states_equal(direct.model.state_dict(), states["fsdp-resumed"]["ema"], "sharded ema, sampled")
     # export-weights: consolidated safetensors that sampling loads
     exported = export_weights(ExportWeightsConfig(checkpoint=str(out / "resumed"), out=str(tmp_path / "export")))
     assert exported.name == "step-00000005" and not Checkpoint(exported).sharded

@@ -3,13 +3,18 @@ saves less; the compiled loss equals eager; the trainer's switches reach the mod
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from latentlm import cli, get_config, list_models, model_from_config
+from latentlm.checkpoint import SHARDED_DIR, Checkpoint, checkpoint_problem, mark_complete
+from latentlm.commands.export_weights import export_weights
+from latentlm.config import ConfigError, ExportWeightsConfig
 from latentlm.memory import GiB, format_plan, plan_memory, saved_tensor_bytes
 from latentlm.training.model import train
-from train_helpers import make_image_folder, tiny_config
+from train_helpers import assert_states_equal, make_image_folder, tiny_config
 
 SMALL = dict(in_channels=4, input_size=8, num_classes=10, hidden_size=64, num_heads=4, depth=2)
 FAMILIES = {"latentlm": ("Transformer-Tiny", dict(head_depth=2, batch_mul=2)), "dit": ("DiT-Tiny", {})}
@@ -137,3 +142,31 @@ def test_export_refuses_an_incomplete_checkpoint(tmp_path, capsys):
     assert run_main(["export-weights", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "step-00000002"),
                      "--out", str(tmp_path / "out")]) == 2
     assert "is incomplete: no COMPLETE marker" in capsys.readouterr().err
+
+
+def test_resume_refuses_exports_and_the_other_strategy(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    run = train(tiny_config(tmp_path / "run", data, max_steps=2))
+    exported = export_weights(ExportWeightsConfig(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "export")))
+    assert_states_equal(Checkpoint(exported).ema, run.ema.state_dict(), "exported EMA")
+    assert not (exported / "optimizer.pt").exists()
+    with pytest.raises(ConfigError, match="holds exported weights only"):
+        train(tiny_config(tmp_path / "export", data, max_steps=3, resume="auto"))
+    with pytest.raises(ConfigError, match=r"by a --strategy ddp run \(not sharded\); resume it with --strategy ddp"):
+        train(tiny_config(tmp_path / "run", data, max_steps=3, resume="auto", strategy="fsdp"))
+
+
+def test_sharded_marker_needs_the_dcp_metadata_and_lists_subfolders(tmp_path):
+    path = tmp_path / "step-00000001"
+    (path / SHARDED_DIR).mkdir(parents=True)
+    for name in ["config.json", "tokenizer.json", "state.json", "schedule.pt", "rng-rank0.pt",
+                 f"{SHARDED_DIR}/__0_0.distcp"]:
+        (path / name).write_text("x")
+    with pytest.raises(RuntimeError, match=r"missing \['sharded/.metadata'\]"):
+        mark_complete(path, 1, 1)
+    (path / SHARDED_DIR / ".metadata").write_text("xy")
+    mark_complete(path, 1, 1)
+    assert json.loads((path / "COMPLETE").read_text())["files"]["sharded/.metadata"] == 2
+    assert checkpoint_problem(path) is None
+    (path / SHARDED_DIR / "__0_0.distcp").unlink()  # a lost shard makes the checkpoint incomplete
+    assert checkpoint_problem(path) == "sharded/__0_0.distcp is missing"

@@ -220,16 +220,21 @@ def _normalize(cfg: TrainConfig, tokenizer: Tokenizer, dataset: Dataset, saved: 
         tokenizer.set_normalization(stats["scale"], stats["bias"])
 
 
-def _restore(saved: Checkpoint, cfg: TrainConfig, model: nn.Module, ema: nn.Module,
-             optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, dist: Distributed) -> None:
-    """Load weights, EMA, optimizer moments and schedule from ``saved``; ``state`` takes its counters."""
-    layout = "fsdp" if saved.sharded else "ddp"
+def _check_resumable(saved: Checkpoint, cfg: TrainConfig) -> None:
+    """Refuse, before any model work, a checkpoint this run cannot continue: an export (weights only), or one
+    written under the other strategy (DDP checkpoints hold whole tensors, FSDP ones shards)."""
     if saved.weights_only:
         raise ConfigError(f"{saved.path} holds exported weights only (no optimizer state); resume from a checkpoint "
                           "of the run itself")
+    layout = "fsdp" if saved.sharded else "ddp"
     if layout != cfg.strategy:
         raise ConfigError(f"{saved.path} was written by a --strategy {layout} run ({'' if saved.sharded else 'not '}"
                           f"sharded); resume it with --strategy {layout}")
+
+
+def _restore(saved: Checkpoint, cfg: TrainConfig, model: nn.Module, ema: nn.Module,
+             optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, dist: Distributed) -> None:
+    """Load weights, EMA, optimizer moments and schedule from ``saved``; ``state`` takes its counters."""
     arch, other = architecture_changes(from_dict(ModelConfig, saved.train_config["model"]), cfg.model)
     if arch and not cfg.allow_arch_change:
         raise ConfigError(f"{saved.path} has a different architecture ({'; '.join(arch)}); resume with the "
@@ -275,6 +280,8 @@ class ModelTrainer:
     def __init__(self, cfg: TrainConfig, dist: Distributed, dataset: Dataset | None, tokenizer: Tokenizer,
                  latent: tuple[int, int], micro_batch: int) -> None:
         saved = find_resume(cfg.resume, Path(cfg.output_dir), dist)
+        if saved is not None:
+            _check_resumable(saved, cfg)
         self.last_checkpoint = saved.path if saved is not None else None
         # Data ----------------------------------------------------------------------------------
         dataset = build_dataset(cfg.data) if dataset is None else dataset
