@@ -325,7 +325,7 @@ PHASES = {"checks": checks, "fsdp": fsdp_phase, "medium": rows_phase(MEDIUM), "b
 # ---------------------------------------------------------------------------------------------
 
 
-def write_results(s: Session, env: dict[str, Any], out: Path, command: str, dev: torch.device) -> Path:
+def write_results(s: Session, env: dict[str, Any], out: Path, command: str) -> Path:
     date = datetime.date.today().isoformat()
     card = re.sub(r"[^a-z0-9]+", "-", env["card"].lower()).strip("-") + ("-dry" if s.dry else "")
     result = {"card": env["card"], "date": date, "torch": env["torch"], "driver": env["driver"], "cuda": env["cuda"],
@@ -367,10 +367,11 @@ def main() -> None:
         sys.exit("gpu_training needs a CUDA device (or --dry)")
     s, env = Session(args.budget_s, args.dry), environment(dev)
     print(f"# {json.dumps(env)}", flush=True)
+    command = " ".join(["python", *sys.argv])
     for name in args.phases:
         PHASES[name](s, size)
+        path = write_results(s, env, Path(args.out), command)  # after every phase: a killed session keeps its rows
     print_table(s.rows)
-    path = write_results(s, env, Path(args.out), " ".join(["python", *sys.argv]), dev)
     failed = [c["name"] for c in s.checks if not c["ok"]]
     print(f"\nwrote {path}; {len(s.checks) - len(failed)} checks passed, failed: {failed}, errors: {s.errors}, "
           f"skipped: {s.skipped}, {time.perf_counter() - s.start:.0f} s", flush=True)
