@@ -85,9 +85,10 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 def check_finite(**modules: nn.Module) -> None:
     """Raise ``NonFiniteWeightsError`` on every process when any process's shard of a module has NaN/inf."""
-    bad = [name for name, module in modules.items()
-           if not all(bool(torch.isfinite(_local(p)).all()) for p in module.parameters())]
-    flags = torch.tensor([float(name in bad) for name in modules])
+    local = [[_local(p) for p in module.parameters()] for module in modules.values()]
+    device = local[0][0].device  # NCCL reduces device tensors only
+    flags = torch.stack([sum((~torch.isfinite(t)).sum() for t in tensors).float().clamp(max=1).to(device)
+                         for tensors in local])  # (modules,): 1 where this process's shard has NaN/inf
     torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
     if flags.any():
         names = [name for name, flag in zip(modules, flags.tolist(), strict=True) if flag]
