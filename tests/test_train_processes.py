@@ -141,6 +141,9 @@ def test_fsdp_checkpoint_reads_consolidated_and_reshards_to_one_process(fsdp_run
     # One process loads the 2-process shards exactly (DCP reshards), optimizer included, and trains on
     assert_states_equal(states["one-step3"], {k: stopped[k] for k in ("model", "ema", "optimizer")}, "one process")
     assert states["one-step5"]["step"] == 5 and all(math.isfinite(v) for v in states["one-step5"]["losses"])
+    bf16 = states["one-bf16"]  # bf16 mixed precision: sharded fp32 master weights, losses like DDP's autocast
+    assert bf16["fsdp"]["dtypes"] == bf16["ddp"]["dtypes"] == ["torch.float32"]
+    assert bf16["fsdp"]["losses"] == pytest.approx(bf16["ddp"]["losses"], rel=2e-2)
     direct = load_trained(out / "resumed")  # sampling reads a sharded checkpoint as it is
     assert_states_equal(direct.model.state_dict(), states["fsdp-resumed"]["ema"], "sharded ema, sampled")
     # export-weights: consolidated safetensors that sampling loads

@@ -199,13 +199,19 @@ def _fsdp(out: Path, data: Path) -> None:
 
 
 def _fsdp_one_process(out: Path, data: Path) -> None:
-    """One process resumes the 2-process FSDP run's step-3 checkpoint (DCP reshards) for 0 steps, then 2 more."""
+    """One process resumes the 2-process FSDP run's step-3 checkpoint (DCP reshards) for 0 steps, then 2 more;
+    then FSDP and DDP train 3 steps in bf16."""
     from latentlm.training.model import train
 
     step3 = str(out / "resumed" / "checkpoints" / "step-00000003")
     torch.save(full_states(train(fsdp_config(out / "one", data, resume=step3, stop_at_step=3))), out / "one-step3.pt")
     result = train(fsdp_config(out / "one", data, resume=step3))
     torch.save({"step": result.step, "losses": result.losses}, out / "one-step5.pt")
+    # bf16: FSDP gathers bf16 units and reduces in fp32; DDP runs fp32 weights under autocast
+    bf16 = {s: train(fsdp_config(out / f"bf16-{s}", data, strategy=s, mixed_precision="bf16", max_steps=3))
+            for s in ("fsdp", "ddp")}
+    torch.save({s: {"losses": r.losses, "dtypes": sorted({str(p.dtype) for p in r.model.parameters()})}
+                for s, r in bf16.items()}, out / "one-bf16.pt")
 
 
 if __name__ == "__main__":
