@@ -824,7 +824,7 @@ class PlanMemoryConfig:
     grad_accum_steps: int = 1  # micro-batches per step: per-GPU micro-batch = batch / (gpus x this)
     strategy: Strategy = "ddp"  # "fsdp": weights, gradients, AdamW and EMA sharded over the GPUs
     activation_checkpointing: bool = False  # keep only each block's input, recompute in backward
-    mixed_precision: MixedPrecision = "bf16"
+    mixed_precision: MixedPrecision = "bf16"  # the run's --mixed-precision: activation and weight-copy bytes
     gpu_memory_gb: float = 80  # memory of one GPU in GiB (an "80 GB" H100 has 80 GiB)
 
     def validate(self) -> None:
