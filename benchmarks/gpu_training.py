@@ -7,21 +7,24 @@ generate kernels) to check the script end to end in under two minutes.
 
 1. ``checks``, each a PASS/FAIL line, on the device in fp32 (TF32 off), both families: activation checkpointing
    gives the loss and gradients of the plain model; the compiled loss and gradients equal eager (Inductor told
-   to draw torch's random numbers); the bf16 autocast loss of Transformer-Medium is finite and its compiled
-   value matches eager.
-2. ``fsdp``: a 1-GPU ``latentlm train --strategy fsdp`` run through the real loop (tiny model, bf16, AC):
+   to draw torch's random numbers). In bf16 autocast: Transformer-Medium's loss and gradients are finite, and
+   at depth 2 its compiled loss matches eager.
+2. ``medium``: training steps as the trainer does them (bf16 autocast, the model's loss, backward, clipping,
+   fused AdamW, EMA) of Transformer-Medium and DiT-Medium at batch 64, eager and compiled. Per row: images/s,
+   counted TFLOP/s (``latentlm.flops.training_flops``), MFU against the card's dense bf16 peak
+   (``latentlm.flops.peak_tflops``: 989.4 TFLOP/s for H100/H200 SXM), peak allocated memory and the planner's
+   estimate of it (``plan_memory`` peak less its DDP buckets and fixed overhead, which one GPU without DDP
+   does not allocate). A compiled row's untimed warm-up steps include compiling.
+3. ``fsdp``: a 1-GPU ``latentlm train --strategy fsdp`` run through the real loop (tiny model, bf16, AC),
    stopped at step 2 and resumed to 4 from its sharded checkpoint, against 4 steps straight (max weight
    difference; exact on a deterministic device), and the same run with ``--compile`` against eager. Then
    Transformer-3B sharded with FSDP (one process: all state on this GPU, as it would be per GPU on
    ``world_size`` = 1) with activation checkpointing, bf16 units with fp32 reduction: a few steps at
    ``big_batch``, peak memory recorded beside the planner's.
-3. ``medium`` / ``big-batch`` / ``base``: training steps as the trainer does them (bf16 autocast, the model's
-   loss, backward, clipping, fused AdamW, EMA), for Transformer-Medium and DiT-Medium at batch 64 (eager,
-   compiled, compiled + AC), then batch 256 (compiled + AC; DiT also compiled and eager), then the Base presets.
-   Per row: images/s, counted TFLOP/s (``latentlm.flops.training_flops``), MFU against the card's dense bf16
-   peak (``latentlm.flops.peak_tflops``: 989.4 TFLOP/s for H100/H200 SXM), peak allocated memory and the
-   planner's estimate of it (``plan_memory`` peak less its DDP buckets and fixed overhead, which one GPU
-   without DDP does not allocate). A compiled row's untimed warm-up steps include compiling.
+   ``big-batch``: batch 256, which fills the card (Transformer-Medium compiled + AC; DiT-Medium compiled,
+   and compiled + AC).
+4. ``ac`` / ``base``: compiled + AC at batch 64 (the price of recomputation), DiT-Medium eager at 256, then
+   the Base presets eager and compiled.
 
 Results: a table on stdout and ``$OUT/benchmarks/results/<date>-<card>-training.json`` (``"training"`` rows in
 the schema of issue 10).
@@ -131,17 +134,24 @@ def correctness(s: Session, size: dict) -> None:
                 f"loss {loss.item():.6f} vs {loss_c.item():.6f}, max relative gradient difference {err:.2e}")
         free_memory()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(0)
-    model = model_from_config(preset(size, size["medium"][0])).to(dev).train()
     bf16 = Precision(size["mixed"], dev).autocast
-    loss, _ = loss_and_grads(model, model, dev, bf16)
-    with torch._inductor.config.patch(fallback_random=True):
-        loss_c, _ = loss_and_grads(model, torch.compile(model, dynamic=False, backend=size["backend"]), dev, bf16)
-    s.check(f"{size['medium'][0]} {size['mixed']} loss finite, compiled = eager",
-            bool(torch.isfinite(loss)) and abs(loss.item() - loss_c.item()) <= 2e-2 * abs(loss.item()),
-            f"eager {loss.item():.5f}, compiled {loss_c.item():.5f}")
-    del model
-    free_memory()
+    for depth in (None, 2):  # the preset (eager), then its width at depth 2 (compiled too: a quick compile)
+        torch.manual_seed(0)
+        model = model_from_config(preset(size, size["medium"][0], **({"depth": depth} if depth else {})))
+        model = model.to(dev).train()
+        loss, grads = loss_and_grads(model, model, dev, bf16)
+        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads.values())
+        if depth is None:
+            s.check(f"{size['medium'][0]} ({size['mixed']} autocast) loss and gradients finite", finite, f"loss {loss.item():.5f}")
+        else:
+            with torch._inductor.config.patch(fallback_random=True):
+                loss_c, _ = loss_and_grads(model, torch.compile(model, dynamic=False, backend=size["backend"]), dev,
+                                           bf16)
+            s.check(f"{size['medium'][0]} (depth 2, {size['mixed']} autocast) compiled = eager",
+                    finite and abs(loss.item() - loss_c.item()) <= 2e-2 * abs(loss.item()),
+                    f"eager {loss.item():.5f}, compiled {loss_c.item():.5f}")
+        del model, grads
+        free_memory()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +300,7 @@ def rows_phase(plan: list[tuple[int, str, int, str]]):
             batch = size["batches"][batch_slot]
             if s.has(seconds if not s.dry else 1, f"{name} batch {batch} {variant}"):
                 s.guarded(f"{name} batch {batch} {variant}", throughput_row, s, size, name, batch, variant)
+                s.extra["save"]()  # every row on disk as soon as it is measured
 
     return phase
 
@@ -307,17 +318,18 @@ def checks(s: Session, size: dict) -> None:
         s.guarded("checks", correctness, s, size)
 
 
-MEDIUM = [(20, "medium:0", 0, "eager"), (100, "medium:0", 0, "compile"), (100, "medium:0", 0, "compile+ac"),
-          (20, "medium:1", 0, "eager"), (90, "medium:1", 0, "compile"), (90, "medium:1", 0, "compile+ac")]
-# Batch 256: Transformer-Medium needs AC to fit 141 GB (the planner: 144 GiB without, 43 GiB with); DiT-Medium
-# fits either way (85 / 17 GiB)
-BIG_BATCH = [(100, "medium:0", 1, "compile+ac"), (90, "medium:1", 1, "compile+ac"), (90, "medium:1", 1, "compile"),
-             (30, "medium:1", 1, "eager")]
+# (estimated seconds, preset slot, batch slot, variant); a compiled row's estimate is mostly compiling
+MEDIUM = [(20, "medium:0", 0, "eager"), (100, "medium:0", 0, "compile"), (20, "medium:1", 0, "eager"),
+          (90, "medium:1", 0, "compile")]
+# Batch 256 fills the card: Transformer-Medium needs AC to fit 141 GB (the planner: 144 GiB without, 43 GiB
+# with); DiT-Medium fits either way (85 / 17 GiB)
+BIG_BATCH = [(100, "medium:0", 1, "compile+ac"), (90, "medium:1", 1, "compile"), (90, "medium:1", 1, "compile+ac")]
+AC = [(100, "medium:0", 0, "compile+ac"), (90, "medium:1", 0, "compile+ac"), (30, "medium:1", 1, "eager")]
 BASE = [(15, "base:0", 0, "eager"), (60, "base:0", 0, "compile"), (15, "base:1", 0, "eager"),
         (60, "base:1", 0, "compile")]
 # In order of priority; --phases picks some (a second session can run what a first one skipped).
-PHASES = {"checks": checks, "fsdp": fsdp_phase, "medium": rows_phase(MEDIUM), "big-batch": rows_phase(BIG_BATCH),
-          "base": rows_phase(BASE)}
+PHASES = {"checks": checks, "medium": rows_phase(MEDIUM), "fsdp": fsdp_phase, "big-batch": rows_phase(BIG_BATCH),
+          "ac": rows_phase(AC), "base": rows_phase(BASE)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,9 +380,10 @@ def main() -> None:
     s, env = Session(args.budget_s, args.dry), environment(dev)
     print(f"# {json.dumps(env)}", flush=True)
     command = " ".join(["python", *sys.argv])
+    s.extra["save"] = functools.partial(write_results, s, env, Path(args.out), command)  # a killed run keeps its rows
     for name in args.phases:
         PHASES[name](s, size)
-        path = write_results(s, env, Path(args.out), command)  # after every phase: a killed session keeps its rows
+        path = s.extra["save"]()
     print_table(s.rows)
     failed = [c["name"] for c in s.checks if not c["ok"]]
     print(f"\nwrote {path}; {len(s.checks) - len(failed)} checks passed, failed: {failed}, errors: {s.errors}, "

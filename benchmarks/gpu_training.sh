@@ -14,5 +14,5 @@ if [[ "${1:-}" != "--dry" ]]; then
 fi
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 # The phases keep to a 420 s budget by their estimates; the timeout is the backstop (the JSON is rewritten
-# after every phase, so a killed run keeps what it measured).
+# after every row and phase, so a killed run keeps what it measured).
 PYTHONPATH=src HF_HUB_OFFLINE=1 timeout 470 "$PYTHON" benchmarks/gpu_training.py --out "${OUT:-.}" "$@"
