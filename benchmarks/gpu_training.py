@@ -142,7 +142,8 @@ def correctness(s: Session, size: dict) -> None:
         loss, grads = loss_and_grads(model, model, dev, bf16)
         finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads.values())
         if depth is None:
-            s.check(f"{size['medium'][0]} ({size['mixed']} autocast) loss and gradients finite", finite, f"loss {loss.item():.5f}")
+            s.check(f"{size['medium'][0]} ({size['mixed']} autocast) loss and gradients finite", finite,
+                    f"loss {loss.item():.5f}")
         else:
             with torch._inductor.config.patch(fallback_random=True):
                 loss_c, _ = loss_and_grads(model, torch.compile(model, dynamic=False, backend=size["backend"]), dev,
