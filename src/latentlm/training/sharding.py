@@ -63,7 +63,7 @@ def shard(model: nn.Module, dist: Distributed, mixed_precision: str | None) -> n
     leaves its inputs alone (latents and labels stay fp32/int64, the model casts at its embedders)."""
     ensure_process_group(dist)
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision or "no")
+    low = torch.bfloat16 if mixed_precision == "bf16" else None  # fp16 is refused (TrainConfig.validate)
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
     root_policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in units(model):
