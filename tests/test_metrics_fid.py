@@ -18,6 +18,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
+from latentlm.checkpoint import mark_complete
 from latentlm.commands.evaluate import evaluate
 from latentlm.commands.reference_stats import reference_stats
 from latentlm.config import ConfigError, EvaluateConfig, ReferenceStatsConfig, SamplerConfig
@@ -197,6 +198,7 @@ def test_digits_checkpoint_is_scored_by_the_digit_classifier(tmp_path):
     ckpt = make_checkpoint(tmp_path / "run", num_classes=10, image_size=16)
     config = ckpt / "config.json"
     config.write_text(config.read_text().replace('"kind": "folder"', '"kind": "digits"'))
+    mark_complete(ckpt, 7, 1)  # the marker records the sha256 of the edited file
     cfg = EvaluateConfig(checkpoint=str(ckpt), out=str(tmp_path / "digits.npz"), per_class=3, batch_size=30,
                          sampler=SamplerConfig(num_steps=2), device="cpu", progress=False)
     train_classifier = digits_metrics.train_digit_classifier

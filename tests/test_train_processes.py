@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentlm.checkpoint import Checkpoint, list_checkpoints, load_trained
+from latentlm.checkpoint import Checkpoint, CorruptCheckpoint, list_checkpoints, load_trained
 from latentlm.commands.export_weights import export_weights
 from latentlm.config import ConfigError, ExportWeightsConfig
 from latentlm.training.loop import EXIT_INTERRUPTED
@@ -144,6 +145,13 @@ def test_fsdp_checkpoint_reads_consolidated_and_reshards_to_one_process(fsdp_run
     bf16 = states["one-bf16"]  # bf16 mixed precision: sharded fp32 master weights, losses like DDP's autocast
     assert bf16["fsdp"]["dtypes"] == bf16["ddp"]["dtypes"] == ["torch.float32"]
     assert bf16["fsdp"]["losses"] == pytest.approx(bf16["ddp"]["losses"], rel=2e-2)
+    corrupt = shutil.copytree(step3, tmp_path / "corrupt" / "checkpoints" / step3.name)
+    shard = corrupt / "sharded" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped: only the sha256 in the marker tells
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match="__1_0.distcp is corrupt"):
+        _ = Checkpoint(corrupt).ema
     direct = load_trained(out / "resumed")  # sampling reads a sharded checkpoint as it is
     assert_states_equal(direct.model.state_dict(), states["fsdp-resumed"]["ema"], "sharded ema, sampled")
     # export-weights: consolidated safetensors that sampling loads

@@ -166,7 +166,7 @@ def test_sharded_marker_needs_the_dcp_metadata_and_lists_subfolders(tmp_path):
         mark_complete(path, 1, 1)
     (path / SHARDED_DIR / ".metadata").write_text("xy")
     mark_complete(path, 1, 1)
-    assert json.loads((path / "COMPLETE").read_text())["files"]["sharded/.metadata"] == 2
+    assert json.loads((path / "COMPLETE").read_text())["files"]["sharded/.metadata"]["size"] == 2
     assert checkpoint_problem(path) is None
     (path / SHARDED_DIR / "__0_0.distcp").unlink()  # a lost shard makes the checkpoint incomplete
     assert checkpoint_problem(path) == "sharded/__0_0.distcp is missing"

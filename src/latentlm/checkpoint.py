@@ -12,8 +12,8 @@ Layout of ``<output_dir>/checkpoints/step-00001000/``::
     optimizer.pt        AdamW state dict          } torch.save of tensors and plain containers only;
     schedule.pt         LR scheduler (+ GradScaler) } read back with torch.load(weights_only=True)
     rng-rank{r}.pt      torch RNG state of process r (CPU and CUDA)
-    COMPLETE            JSON {"step", "world_size", "files": {name: size}}, written last by atomic rename;
-                        it lists every file of the directory, those in sub-folders by relative path
+    COMPLETE            JSON {"step", "world_size", "files": {relative path: {"size", "sha256"}}}: every
+                        file of the directory, subfolders included; written last by atomic rename
 
 A run with ``--strategy fsdp`` writes no model/EMA/optimizer files: instead ``sharded/`` holds them as a
 ``torch.distributed.checkpoint`` (``{"model", "ema", "optimizer"}``; one ``__<r>_0.distcp`` per process
@@ -24,7 +24,15 @@ read such a checkpoint's weights consolidated in one process, so sampling takes 
 Every file is written atomically (``latentlm.io``), so a crash leaves either the old bytes or the new
 ones. A directory without ``COMPLETE`` (or whose files do not match the sizes it lists) is
 incomplete: resume skips it and says why. Old checkpoints are deleted only after a newer one is
-complete. ``Checkpoint`` is the one reader of these files.
+complete. Any directory with a valid marker is a checkpoint, whatever its name (``best/``, a copy).
+
+``Checkpoint`` is the one reader of these files, and it checks what it reads: sizes always, and the
+sha256 of every file before its first use (a flipped byte in ``ema.safetensors`` is refused instead of
+sampled), then weights for NaN/inf. Hashing runs at about 1 GB/s per core
+(``benchmarks/checkpoint_hashing.py``), so it costs seconds for the GBs of a large model; each file is
+hashed only when read (``sample`` hashes the EMA weights, a resume every file, on the first process
+only). ``LATENTLM_VERIFY=size`` skips the hashes. Markers written before hashes were recorded (sizes
+only) still load.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -43,7 +52,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from latentlm.io import fsync_dir, read_json, read_torch, write_json, write_safetensors, write_torch
+from latentlm.config import ConfigError
+from latentlm.io import (
+    file_sha256,
+    fsync_dir,
+    is_temporary,
+    read_json,
+    read_torch,
+    write_json,
+    write_safetensors,
+    write_torch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +74,15 @@ SHARDED_DIR = "sharded"  # FSDP runs: torch.distributed.checkpoint of model, EMA
 SHARDED_FILES = ("config.json", "tokenizer.json", "state.json", "schedule.pt", f"{SHARDED_DIR}/.metadata")
 WEIGHTS_FILES = ("model.safetensors", "ema.safetensors", "config.json", "tokenizer.json", "state.json")  # exports
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+VERIFY_ENV = "LATENTLM_VERIFY"  # "hash" (default): sizes and sha256 of every file read; "size": sizes only
 
 
 class NonFiniteWeightsError(RuntimeError):
     """Weights with NaN/inf were about to be checkpointed; nothing was written."""
+
+
+class CorruptCheckpoint(ConfigError):
+    """A checkpoint file differs from what its ``COMPLETE`` marker recorded, or holds NaN/inf weights."""
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
@@ -136,19 +160,28 @@ def write_rng(path: Path, rank: int) -> None:
     write_torch(path / f"rng-rank{rank}.pt", rng_state())
 
 
+def checkpoint_files(path: Path) -> list[str]:
+    """Every file under checkpoint directory ``path`` (subfolders included) as a relative POSIX path, sorted;
+    the marker and staging files of ``atomic_write`` are left out."""
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                  if p.is_file() and p.name != MARKER and not is_temporary(p))
+
+
 def mark_complete(path: Path, step: int, world_size: int, required: tuple[str, ...] | None = None) -> None:
     """Write the ``COMPLETE`` marker, last and atomically, after checking the files a checkpoint needs are
-    there (``required``; default: those of its layout and every process's RNG). It lists every file of the
-    directory, sub-folders included."""
+    there (``required``; default: those of its layout and every process's RNG): it records the size and
+    sha256 of every file in the directory, sub-folders included."""
     if required is None:
         layout = SHARDED_FILES if (path / SHARDED_DIR).is_dir() else MAIN_FILES
         required = (*layout, *(f"rng-rank{r}.pt" for r in range(world_size)))
     missing = [n for n in required if not (path / n).is_file()]
     if missing:
         raise RuntimeError(f"checkpoint {path} is missing {missing}; not marking it complete")
-    files = {f.relative_to(path).as_posix(): f.stat().st_size for f in sorted(path.rglob("*"))
-             if f.is_file() and f.name != MARKER}
-    write_json(path / MARKER, {"step": step, "world_size": world_size, "files": files})
+    files = checkpoint_files(path)
+    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:  # hashlib releases the GIL on big blocks
+        digests = list(pool.map(lambda name: file_sha256(path / name), files))
+    entries = {n: {"size": (path / n).stat().st_size, "sha256": d} for n, d in zip(files, digests, strict=True)}
+    write_json(path / MARKER, {"step": step, "world_size": world_size, "files": entries})
     fsync_dir(path)
     fsync_dir(path.parent)
 
@@ -167,22 +200,61 @@ class CheckpointEntry:
     problem: str | None
 
 
+def marker_entries(path: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size": ..., "sha256": ...}}`` from the marker of ``path`` (older markers: sizes only).
+
+    Raises ``OSError`` / ``ValueError`` for a missing or unreadable marker."""
+    files = read_json(path / MARKER)["files"]
+    if not isinstance(files, dict):
+        raise ValueError(f"'files' is a {type(files).__name__}, not a mapping")
+    return {name: entry if isinstance(entry, dict) else {"size": int(entry)} for name, entry in files.items()}
+
+
 def checkpoint_problem(path: Path) -> str | None:
-    """Why ``path`` is not a complete checkpoint, or None when it is."""
-    marker = path / MARKER
-    if not marker.is_file():
+    """Why ``path`` is not a complete checkpoint (missing marker, missing file, wrong size), or None when it is."""
+    if not (path / MARKER).is_file():
         return f"no {MARKER} marker (the run stopped while writing it)"
     try:
-        files = dict(read_json(marker)["files"])
+        files = marker_entries(path)
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"unreadable {MARKER} marker ({err})"
-    for name, size in files.items():
+    for name, entry in files.items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, the marker says {size}"
+        if file.stat().st_size != entry.get("size"):
+            return f"{name} has {file.stat().st_size} bytes, the marker says {entry.get('size')}"
     return None
+
+
+def hashes_verified() -> bool:
+    """Whether readers check sha256 sums (``LATENTLM_VERIFY``: "hash", the default, or "size")."""
+    mode = os.environ.get(VERIFY_ENV, "hash").strip().lower() or "hash"
+    if mode not in ("hash", "size"):
+        raise ConfigError(f"{VERIFY_ENV}={mode!r}: use 'hash' (check sizes and sha256, the default) or 'size'")
+    return mode == "hash"
+
+
+def older_checkpoint(path: Path) -> Path | None:
+    """The newest complete checkpoint older than ``path`` beside it (same ``checkpoints/`` folder), if any."""
+    step = _STEP_DIR.match(path.name)
+    older = [e for e in list_checkpoints(path.parent.parent) if e.problem is None and e.path != path
+             and (step is None or e.step < int(step.group(1)))] if path.parent.name == CHECKPOINTS_DIR else []
+    return older[-1].path if older else None
+
+
+def _corrupt(path: Path, file: Path, what: str) -> CorruptCheckpoint:
+    older = older_checkpoint(path)
+    advice = (f"resume from an older checkpoint: {older}" if older is not None else
+              "no older complete checkpoint is beside it; restore the file from a copy or retrain")
+    return CorruptCheckpoint(f"{file} is corrupt ({what}); {advice}")
+
+
+def check_loaded_finite(path: Path, file: Path, state: dict[str, torch.Tensor]) -> None:
+    """Raise ``CorruptCheckpoint`` naming the first tensor of ``state`` (read from ``file``) with NaN/inf."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise _corrupt(path, file, f"tensor {name!r} has NaN/inf values; checkpoints never hold such weights")
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[CheckpointEntry]:
@@ -208,12 +280,13 @@ def latest_checkpoint(output_dir: str | os.PathLike, report: Callable[[str], Non
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from a checkpoint, a ``checkpoints/`` folder or a run directory.
+    """A checkpoint directory from a checkpoint (any directory with a ``COMPLETE`` marker, whatever its name),
+    a ``checkpoints/`` folder or a run directory (its newest complete checkpoint).
 
     Raises ``FileNotFoundError`` (nothing there) or ``ValueError`` (an incomplete checkpoint).
     """
     path = Path(path)
-    if _STEP_DIR.match(path.name) and path.is_dir():
+    if path.is_dir() and ((path / MARKER).is_file() or _STEP_DIR.match(path.name)):
         problem = checkpoint_problem(path)
         if problem:
             raise ValueError(f"checkpoint {path} is incomplete: {problem}")
@@ -221,7 +294,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     run_dir = path.parent if path.name == CHECKPOINTS_DIR else path
     found = latest_checkpoint(run_dir)
     if found is None:
-        raise FileNotFoundError(f"no complete checkpoint at {path} (expected step-* under {run_dir / CHECKPOINTS_DIR})")
+        raise FileNotFoundError(f"no complete checkpoint at {path} (expected a {MARKER} marker there, or step-* "
+                                f"under {run_dir / CHECKPOINTS_DIR})")
     return found
 
 
@@ -247,33 +321,67 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> list[Pat
 
 class Checkpoint:
     """A complete checkpoint on disk. The small JSON files are read on opening; weights, optimizer and
-    schedule on first access (on CPU); RNG states per process (``rng``)."""
+    schedule on first access (on CPU); RNG states per process (``rng``). Every file is checked against the
+    marker before its first use (``verify=False``, or ``LATENTLM_VERIFY=size``: sizes only), weights for
+    NaN/inf too; a mismatch raises ``CorruptCheckpoint``."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, verify: bool = True) -> None:
         self.path = Path(path)
         problem = checkpoint_problem(self.path)
         if problem:
             raise ValueError(f"checkpoint {self.path} is incomplete: {problem}")
-        self.config: dict[str, Any] = read_json(self.path / "config.json")
-        self.tokenizer: dict[str, Any] = read_json(self.path / "tokenizer.json")
-        self.state: dict[str, Any] = read_json(self.path / "state.json")
+        self._entries = marker_entries(self.path)
+        self._verify = verify and hashes_verified()
+        self._checked: set[str] = set()
+        self.config: dict[str, Any] = read_json(self._file("config.json"))
+        self.tokenizer: dict[str, Any] = read_json(self._file("tokenizer.json"))
+        self.state: dict[str, Any] = read_json(self._file("state.json"))
         self.step = int(self.state["step"])
         self.sharded = (self.path / SHARDED_DIR).is_dir()  # an FSDP run's checkpoint
         self.weights_only = not self.sharded and not (self.path / "optimizer.pt").is_file()  # an export
 
+    def verify_file(self, name: str) -> None:
+        """Check the sha256 of file ``name`` now (``CorruptCheckpoint`` when it differs from the marker)."""
+        self._file(name)
+
+    def _file(self, name: str) -> Path:
+        """``path / name``, its sha256 checked against the marker on first use."""
+        file = self.path / name
+        digest = self._entries.get(name, {}).get("sha256")
+        if self._verify and digest and name not in self._checked:
+            if file_sha256(file) != digest:
+                raise _corrupt(self.path, file, f"sha256 differs from the {MARKER} marker")
+            self._checked.add(name)
+        return file
+
+    def _weights(self, name: str) -> dict[str, torch.Tensor]:
+        file = self._file(name)
+        try:
+            state = load_file(file)
+        except Exception as err:  # safetensors raises its own error types for a damaged header
+            raise _corrupt(self.path, file, f"not a readable safetensors file: {err}") from err
+        check_loaded_finite(self.path, file, state)
+        return state
+
+    def verify(self) -> None:
+        """Check every file now (sizes were checked on opening): hashes, and the weights for NaN/inf."""
+        for name in self._entries:
+            self._file(name)
+        _ = self.model, self.ema
+
     @cached_property
     def model(self) -> dict[str, torch.Tensor]:
-        return self._consolidated("model") if self.sharded else load_file(self.path / "model.safetensors")
+        return self._consolidated("model") if self.sharded else self._weights("model.safetensors")
 
     @cached_property
     def ema(self) -> dict[str, torch.Tensor]:
-        return self._consolidated("ema") if self.sharded else load_file(self.path / "ema.safetensors")
+        return self._consolidated("ema") if self.sharded else self._weights("ema.safetensors")
 
     @cached_property
     def optimizer(self) -> dict[str, Any]:
         if self.sharded:
             raise ValueError(f"{self.path} is sharded: its optimizer state is read by training/sharding.load")
-        return read_torch(self.path / "optimizer.pt")
+        return read_torch(self._file("optimizer.pt"))
 
     def _consolidated(self, key: str) -> dict[str, torch.Tensor]:
         """The full fp32 ``key`` ("model" / "ema") state of a sharded checkpoint, read in this process alone:
@@ -283,22 +391,29 @@ class Checkpoint:
         from latentlm.config import ModelConfig, from_dict
         from latentlm.models import model_from_config
 
+        for name in self.shard_files():
+            self._file(name)
         with torch.device("meta"):  # shapes and names only
             template = model_from_config(from_dict(ModelConfig, self.train_config["model"])).state_dict()
         state = {key: {k: torch.empty(v.shape, dtype=v.dtype) for k, v in template.items()}}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=self.path / SHARDED_DIR, no_dist=True)
+        check_loaded_finite(self.path, self.path / SHARDED_DIR, state[key])
         return state[key]
+
+    def shard_files(self) -> list[str]:
+        """The files of a sharded checkpoint's ``sharded/`` folder, as its marker lists them (else none)."""
+        return [name for name in self._entries if name.startswith(f"{SHARDED_DIR}/")]
 
     @cached_property
     def schedule(self) -> dict[str, Any]:
-        return read_torch(self.path / "schedule.pt")
+        return read_torch(self._file("schedule.pt"))
 
     def rng(self, rank: int) -> dict[str, torch.Tensor] | None:
         """Process ``rank``'s RNG state, or None if that process did not exist then."""
-        file = self.path / f"rng-rank{rank}.pt"
-        return read_torch(file) if file.is_file() else None
+        name = f"rng-rank{rank}.pt"
+        return read_torch(self._file(name)) if (self.path / name).is_file() else None
 
     @property
     def train_config(self) -> dict[str, Any]:

@@ -11,12 +11,14 @@ Recipes: for a config class with a ``config`` field, ``--config recipe.yaml`` lo
 command line), so ``model: {name: DiT-Base, depth: 8}`` means "DiT-Base with 8 blocks".
 
 Exit codes: 0 success; 2 invalid option or recipe (one ``error: ...`` line, before any heavy
-work); 3 training stopped by SIGTERM/SIGUSR1 after writing a checkpoint (rerun with
-``--resume auto``); 4 training diverged (non-finite loss/gradients or weights).
+work); 3 training stopped by SIGTERM/SIGUSR1/SIGINT (after writing a checkpoint, or before its
+first step: rerun with ``--resume auto``); 4 training diverged (non-finite loss/gradients or weights);
+130 aborted by a second Ctrl-C (nothing saved since the newest complete checkpoint).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -52,6 +54,7 @@ from latentlm.config import (
 
 EXIT_INVALID = 2
 EXIT_DIVERGED = 4
+STOPPABLE = ("train", "train-tokenizer")  # commands that checkpoint and exit 3 on SIGTERM/SIGUSR1/SIGINT
 
 
 @dataclass(frozen=True)
@@ -241,9 +244,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Only the first process of a multi-process launch reports progress at INFO level.
     level = logging.INFO if launch_rank() == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from latentlm.signals import EXIT_ABORTED, EXIT_INTERRUPTED, StopRequested, StopSignals
+
     try:
         name, cfg = parse(sys.argv[1:] if argv is None else argv)
-        code = COMMANDS[name].run(cfg) or 0
+        # Training handles stop signals from here on, before the seconds of importing torch (latentlm.signals)
+        with StopSignals() if name in STOPPABLE else contextlib.nullcontext():
+            code = COMMANDS[name].run(cfg) or 0
+    except StopRequested as stop:
+        logging.getLogger("latentlm").warning("%s", stop)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C) without saving; the newest complete checkpoint or shard is intact: "
+              "rerun the same command (--resume auto for training) to continue", file=sys.stderr)
+        sys.exit(EXIT_ABORTED)
     except ConfigError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         sys.exit(EXIT_INVALID)

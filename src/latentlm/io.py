@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -30,6 +31,21 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps, so equal arrays gi
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 # ---------------------------------------------------------------------------------------------
+
+
+def check_writable(folder: str | os.PathLike, option: str) -> None:
+    """Create ``folder`` if needed and make sure a file can be made in it, before any work is done: else
+    ``ConfigError`` naming ``option`` (the flag that chose it)."""
+    from latentlm.config import ConfigError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{option}: cannot write to {folder} ({err.strerror or err}); choose a writable "
+                          "location") from err
 
 
 def fsync_dir(path: Path) -> None:
@@ -51,6 +67,24 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` is a staging file of ``atomic_write`` (``.<name>.tmp-<pid>``)."""
+    return path.name.startswith(".") and ".tmp-" in path.name
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it where ``/proc`` tells it; else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete the staging files a killed writer left in ``folder`` (call only while nobody writes there)."""
     for stale in folder.glob(".*.tmp-*"):
@@ -58,11 +92,16 @@ def remove_stale_temporaries(folder: Path) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, rename it to ``path``."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, rename it to ``path``.
+
+    The file gets the permissions of a plain ``open`` (0666 less the umask), whatever ``write`` used
+    (safetensors creates its files 0600, which colleagues on a shared filesystem could not read).
+    """
     path = Path(path)
     tmp = temporary_name(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

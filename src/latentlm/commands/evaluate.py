@@ -16,7 +16,7 @@ from latentlm.checkpoint import Checkpoint, resolve_checkpoint
 from latentlm.commands.sample_many import existing_record, sample_many
 from latentlm.config import ConfigError, EvaluateConfig
 from latentlm.distributed import Distributed, resolve_device
-from latentlm.io import file_sha256, write_json
+from latentlm.io import check_writable, file_sha256, write_json
 from latentlm.metrics.digits import DigitsEvaluator, digits_evaluator, digits_metrics
 from latentlm.metrics.inception import (
     INCEPTION_FILE,
@@ -31,9 +31,11 @@ from latentlm.metrics.inception import (
 log = logging.getLogger(__name__)
 
 
-def _checkpoint_data_kind(checkpoint: str) -> str | None:
+def _checkpoint_data_kind(checkpoint: str, ema: bool) -> str | None:
+    """The data kind the checkpoint was trained on; its weights file is checked first (before any scorer)."""
     try:
         ckpt = Checkpoint(resolve_checkpoint(checkpoint))
+        ckpt.verify_file("ema.safetensors" if ema else "model.safetensors")
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(str(err)) from err
     return ckpt.train_config.get("data", {}).get("kind")
@@ -115,12 +117,13 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.eval_images is not None and cfg.eval_images < 2:
         raise ConfigError(f"eval_images={cfg.eval_images}: need at least 2 images")
     record = existing_record(samples)
-    data_kind = _checkpoint_data_kind(cfg.checkpoint) if cfg.checkpoint else (
+    data_kind = _checkpoint_data_kind(cfg.checkpoint, cfg.ema) if cfg.checkpoint else (
         record["settings"].get("data_kind") if record else None)
     digits = check_scoring(cfg, data_kind)
     if not cfg.checkpoint and not samples.is_file():
         raise ConfigError(f"samples {samples} do not exist: pass --checkpoint to generate them, or --out an "
                           "existing .npz")
+    check_writable(Path(cfg.results).parent if cfg.results else samples.parent, "--results")
     scorer = Scorer(cfg, digits)
 
     # Samples, metrics ---------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import latentlm
 from latentlm.config import ConfigError, ReferenceStatsConfig
 from latentlm.data.images import BadImageError, ImageFolder, load_image
 from latentlm.distributed import resolve_device
-from latentlm.io import NpzWriter, atomic_write, file_sha256, write_json
+from latentlm.io import NpzWriter, atomic_write, check_writable, file_sha256, write_json
 from latentlm.metrics.inception import InceptionFeatures, resolve_inception_weights
 from latentlm.metrics.statistics import RunningMoments
 
@@ -58,6 +58,7 @@ def reference_stats(cfg: ReferenceStatsConfig) -> Path:
     """
     # Setup ----------------------------------------------------------------------------------------
     cfg.validate()
+    check_writable(Path(cfg.out).parent, "--out")
     try:
         folder = ImageFolder(cfg.folder, cfg.image_size)
     except (FileNotFoundError, ValueError) as err:

@@ -8,6 +8,7 @@ from pathlib import Path
 from latentlm.checkpoint import load_trained
 from latentlm.config import ConfigError, SampleConfig
 from latentlm.distributed import resolve_device
+from latentlm.io import check_writable
 from latentlm.visualize import sample_grid
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,7 @@ def sample(cfg: SampleConfig) -> Path:
     fit the model's process) before generating anything.
     """
     cfg.validate()
+    check_writable(Path(cfg.out).parent, "--out")
     try:
         trained = load_trained(cfg.checkpoint, cfg.ema, cfg.tokenizer_path, resolve_device(cfg.device))
     except (FileNotFoundError, ValueError) as err:

@@ -47,6 +47,7 @@ from latentlm.checkpoint import TrainedModel, load_trained
 from latentlm.config import ConfigError, SampleManyConfig, to_dict
 from latentlm.distributed import Distributed
 from latentlm.io import NpzWriter, atomic_write, read_json, write_json
+from latentlm.lock import hold as hold_lock
 from latentlm.shards import ShardDir, ShardPlan, check_same_settings
 from latentlm.visualize import to_uint8
 
@@ -229,6 +230,12 @@ def sample_many(cfg: SampleManyConfig) -> SampleManyResult:
     started = time.perf_counter()
     dist = Distributed.start(cfg.device)
     trained = _load(cfg, dist)
+    with hold_lock(cfg.out, dist, "--out", directory=False):  # one writer per output file
+        return _sample_many(cfg, dist, trained, started)
+
+
+def _sample_many(cfg: SampleManyConfig, dist: Distributed, trained: TrainedModel, started: float
+                 ) -> SampleManyResult:
     image_size = trained.model.config.input_size * trained.tokenizer.downsample
     labels = plan_labels(trained.model.config.num_classes, cfg.per_class, cfg.num_images, cfg.seed)  # (N,)
     n = len(labels)

@@ -6,12 +6,15 @@ from pathlib import Path
 
 from latentlm.config import ConfigError, ScanImagesConfig
 from latentlm.data.images import BadImage, ImageFolder, scan_images
+from latentlm.io import check_writable
 
 
 def scan_folder(cfg: ScanImagesConfig) -> list[BadImage]:
     """The unreadable images of the ImageFolder ``cfg.data`` describes (also written to ``cfg.out`` as
     ``path<TAB>reason`` lines when set). Raises ``ConfigError`` for a bad folder or option."""
     cfg.validate()
+    if cfg.out is not None:
+        check_writable(Path(cfg.out).parent, "--out")
     try:
         dataset = ImageFolder(cfg.data.path, cfg.data.image_size, cfg.data.max_image_pixels)
     except (FileNotFoundError, ValueError) as err:

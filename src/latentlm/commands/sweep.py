@@ -29,6 +29,7 @@ from latentlm.commands.sample_many import existing_record, sample_many
 from latentlm.config import SAMPLERS, ConfigError, EvaluateConfig, ModelConfig, SamplerConfig, SweepConfig, from_dict
 from latentlm.distributed import Distributed
 from latentlm.io import read_json, write_json
+from latentlm.lock import hold as hold_lock
 from latentlm.visualize import save_sweep_plot
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ def sweep(cfg: SweepConfig) -> list[SweepPoint]:
     for index, path in enumerate(cfg.checkpoints):
         try:
             ckpt = Checkpoint(resolve_checkpoint(path))
+            ckpt.verify_file("ema.safetensors" if cfg.ema else "model.safetensors")  # bit rot: refused up front
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"checkpoints[{index}]={path}: {err}") from err
         kinds.add(ckpt.train_config.get("data", {}).get("kind"))
@@ -168,18 +170,20 @@ def sweep(cfg: SweepConfig) -> list[SweepPoint]:
     if dist.is_main:
         log.info("sweep: %d points over %d checkpoint(s) in %s", len(points), len(cfg.checkpoints), out)
 
-    # Points, then the summary (first process) -------------------------------------------------------------
-    for i, point in enumerate(points, start=1):
+    # Points, then the summary (first process); one sweep writes `out` at a time -----------------------
+    with hold_lock(out, dist, "--out"):
+        for i, point in enumerate(points, start=1):
+            if dist.is_main:
+                log.info("point %d/%d: %s", i, len(points), point.key)
+            _run_point(point, _evaluate_config(cfg, point, points_dir), scorer, dist)
         if dist.is_main:
-            log.info("point %d/%d: %s", i, len(points), point.key)
-        _run_point(point, _evaluate_config(cfg, point, points_dir), scorer, dist)
-    if dist.is_main:
-        write_json(out / "sweep.json", {"points": [p.as_dict() for p in points], "best": best_points(points),
-                                        "scoring": scorer.describe()})
-        primary, secondary = ("digits_frechet_ratio", "digits_accuracy") if digits else ("fid", "inception_score")
-        save_sweep_plot(points, out / "sweep.png", primary, secondary)
-        print(format_table(points))
-        print(f"sweep: {out / 'sweep.json'}, plot: {out / 'sweep.png'}")
+            write_json(out / "sweep.json", {"points": [p.as_dict() for p in points], "best": best_points(points),
+                                            "scoring": scorer.describe()})
+            primary, secondary = ("digits_frechet_ratio", "digits_accuracy") if digits else ("fid",
+                                                                                              "inception_score")
+            save_sweep_plot(points, out / "sweep.png", primary, secondary)
+            print(format_table(points))
+            print(f"sweep: {out / 'sweep.json'}, plot: {out / 'sweep.png'}")
     return points
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from latentlm.config import ConfigError, VaeRoundtripConfig
 from latentlm.data.images import IMAGE_EXTENSIONS, BadImageError, image_to_tensor, load_image
 from latentlm.distributed import resolve_device
+from latentlm.io import check_writable
 from latentlm.metrics.image import psnr, ssim
 from latentlm.tokenizers import load_tokenizer
 
@@ -60,6 +61,7 @@ def roundtrip(cfg: VaeRoundtripConfig) -> RoundtripResult:
     side-by-side PNG to ``cfg.out`` and print one line per image and the means."""
     # Setup -----------------------------------------------------------------------------------
     cfg.validate()
+    check_writable(Path(cfg.out).parent, "--out")
     try:
         tokenizer = load_tokenizer(cfg.tokenizer)
         tokenizer.latent_shape(cfg.image_size)

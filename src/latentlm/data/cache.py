@@ -50,6 +50,7 @@ from latentlm.config import CacheLatentsConfig, ConfigError
 from latentlm.data.images import BadImage, ImageFolder, check_bad_fraction, collate_skipping_bad
 from latentlm.distributed import Distributed
 from latentlm.io import atomic_write, write_json
+from latentlm.lock import hold as hold_lock
 from latentlm.shards import ShardDir, ShardPlan, shard_name
 from latentlm.tokenizers import Tokenizer
 from latentlm.tokenizers.normalization import fit_normalization
@@ -222,7 +223,6 @@ def write_cache(cfg: CacheLatentsConfig, dataset: Dataset | None = None, tokeniz
     options, for an ``out`` holding a cache of other settings, and (``BadDataError``) when more than
     ``data.max_bad_fraction`` of the images are unreadable (the shards stay; the manifest is not written).
     """
-    from latentlm.data import build_dataset
     from latentlm.tokenizers import build_tokenizer
 
     # Validate ----------------------------------------------------------------------------------
@@ -236,6 +236,14 @@ def write_cache(cfg: CacheLatentsConfig, dataset: Dataset | None = None, tokeniz
     except ValueError as err:
         raise ConfigError(f"data.image_size: {err}") from err
     dist = Distributed.start(cfg.device)
+    with hold_lock(cfg.out, dist, "--out"):  # one writer per cache directory
+        return _write_cache(cfg, dataset, tokenizer, latent_shape, dist)
+
+
+def _write_cache(cfg: CacheLatentsConfig, dataset: Dataset | None, tokenizer: Tokenizer,
+                 latent_shape: tuple[int, int, int], dist: Distributed) -> Path:
+    from latentlm.data import build_dataset
+
     out = Path(cfg.out)
 
     # Setup: dataset, tokenizer, the plan ---------------------------------------------------------

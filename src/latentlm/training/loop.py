@@ -6,8 +6,9 @@ monitoring and its checkpoint contents; ``run_steps`` drives it. Everything rand
 from the torch RNG, whose state is checkpointed per process, and the data order is a pure function of
 (seed, micro-batch index), so a resumed run repeats the uninterrupted one exactly.
 
-Exit codes (``latentlm.cli``): 3 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (rerun with
-``--resume auto``); 4 diverged (too many consecutive non-finite steps, or non-finite weights).
+Exit codes (``latentlm.cli``): 3 stopped by SIGTERM/SIGUSR1/SIGINT after writing a checkpoint, or before
+the first step (``latentlm.signals``; rerun with ``--resume auto``); 4 diverged (too many consecutive
+non-finite steps, or non-finite weights).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import signal
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +32,12 @@ from latentlm import checkpoint as ckpt_io
 from latentlm.checkpoint import Checkpoint
 from latentlm.config import ConfigError
 from latentlm.distributed import Distributed
+from latentlm.signals import EXIT_INTERRUPTED as EXIT_INTERRUPTED  # re-exported: the trainers' exit codes
+from latentlm.signals import StopSignals, signal_name
 
 log = logging.getLogger(__name__)
 
-EXIT_INTERRUPTED = 3
 EXIT_DIVERGED = 4
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingDiverged(RuntimeError):
@@ -260,10 +259,60 @@ def find_resume(resume: str | None, run_dir: Path, dist: Distributed) -> Checkpo
             raise ConfigError(f"resume={resume}: {err}") from err
     if path is None:
         return None
-    saved = Checkpoint(path)
+    return _verified(path, dist)
+
+
+def _verified(path: Path, dist: Distributed) -> Checkpoint:
+    """The checkpoint at ``path``, every file of it checked first (hashes, finite weights) by the first process:
+    a damaged checkpoint is refused before any data or model work, on every process alike."""
+    saved, error = None, None
+    if dist.is_main:
+        try:
+            saved = Checkpoint(path)
+            saved.verify()
+        except ValueError as err:  # CorruptCheckpoint, or an incomplete one
+            error = str(err)
+    error = dist.broadcast(error)
+    if error is not None:
+        raise ckpt_io.CorruptCheckpoint(error)
+    saved = saved if saved is not None else Checkpoint(path, verify=False)
     if dist.is_main:
         log.info("resuming from %s (step %d)", saved.path, saved.step)
     return saved
+
+
+# Options that never change what a run computes (where it writes, what it logs, when it stops, where its
+# data lives): changing them on resume keeps the resumed run equal to the uninterrupted one.
+BOOKKEEPING_OPTIONS = frozenset({
+    "config", "output_dir", "resume", "allow_arch_change", "max_nonfinite_steps", "log_every", "sample_every",
+    "sample_classes", "tensorboard", "progress", "checkpoint_every", "keep_last", "stop_at_step", "model.name",
+    "data.path", "data.num_workers", "data.max_bad_fraction", "tokenizer.path", "tokenizer.norm_images",
+    "norm_images", "peak_tflops",
+})
+BOOKKEEPING_SECTIONS = ("sampler.",)  # the preview grids' sampler (drawn on a forked RNG)
+
+
+def option_changes(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted option, saved value, current value)`` for every option of two config dicts that differs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [change for key in sorted(set(saved) | set(current))
+                for change in option_changes(saved.get(key), current.get(key), f"{prefix}{key}.")]
+    saved = list(saved) if isinstance(saved, tuple) else saved
+    current = list(current) if isinstance(current, tuple) else current
+    return [] if saved == current else [(prefix[:-1], saved, current)]
+
+
+def report_resume_changes(saved: Checkpoint, saved_config: dict[str, Any], current: dict[str, Any]) -> None:
+    """Log the options that differ from the checkpoint's run, and whether the resumed run stays exact."""
+    changes = option_changes(saved_config, current)
+    if not changes:
+        return
+    listed = "; ".join(f"{name}: {a!r} -> {b!r}" for name, a, b in changes)
+    inexact = [name for name, _, _ in changes
+               if name not in BOOKKEEPING_OPTIONS and not name.startswith(BOOKKEEPING_SECTIONS)]
+    verdict = (f"the resumed run no longer repeats the original one exactly (because of {', '.join(inexact)})"
+               if inexact else "none of them changes what is computed: the resume stays exact")
+    log.warning("resuming from %s with options that differ from its run: %s; %s", saved.path, listed, verdict)
 
 
 def check_fresh_run(output_dir: str, resume: str | None) -> None:
@@ -315,30 +364,6 @@ def save_checkpoint(dist: Distributed, output_dir: str, step: int, keep_last: in
 # ---------------------------------------------------------------------------------------------
 
 
-class StopSignals:
-    """While active, SIGTERM/SIGUSR1 only set ``received``; the loop checkpoints at the next step boundary.
-
-    Handlers can only be installed from the main thread; elsewhere this is inert.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class Steps(Protocol):
     """What a trainer gives ``run_steps``."""
 
@@ -361,29 +386,37 @@ class LoopResult:
     checkpoint: Path | None  # newest complete checkpoint (written or resumed from)
 
 
+def _stop_after_save(stop: StopSignals, dist: Distributed) -> bool:
+    """Whether a signal arrived while a scheduled checkpoint was written (the first process decides for all)."""
+    return bool(dist.broadcast(stop.received is not None))
+
+
 def run_steps(steps: Steps, end_step: int, checkpoint_every: int, last_checkpoint: Path | None, progress: bool,
-              desc: str) -> LoopResult:
+              desc: str, stop: StopSignals | None = None) -> LoopResult:
     """Step ``steps`` until ``end_step``, checkpointing every ``checkpoint_every`` steps, at the end, and at the
-    step boundary after a stop signal (then return ``interrupted``)."""
+    step boundary after a stop signal (then return ``interrupted``). ``stop``: the command's handlers (installed
+    at its start), else the loop installs its own."""
     state = steps.state
     bar = tqdm(total=end_step, initial=min(state.step, end_step), disable=not progress, dynamic_ncols=True,
                desc=desc)
     console = logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext()  # log lines above the bar
     interrupted = False
-    with StopSignals() as stop, console:
+    with contextlib.ExitStack() as stack:
+        stop = stop if stop is not None else stack.enter_context(StopSignals())
+        stack.enter_context(stop.deferred())
+        stack.enter_context(console)
         while state.step < end_step:
-            stop_requested = steps.train_step(stop)
+            interrupted = steps.train_step(stop) and state.step < end_step
             bar.update(1)
             postfix = steps.monitor(end_step)
             if postfix:
                 bar.set_postfix(**postfix)
-            interrupted = stop_requested and state.step < end_step
             if state.step % checkpoint_every == 0 or state.step == end_step or interrupted:
                 last_checkpoint = steps.save()
+                interrupted = interrupted or _stop_after_save(stop, steps.dist)
             if interrupted:
-                name = signal.Signals(stop.received).name if stop.received else "a stop signal"
-                reporter(steps.dist)("stopped by %s at step %d after saving %s; continue with --resume auto", name,
-                                     state.step, last_checkpoint)
+                reporter(steps.dist)("stopped by %s at step %d after saving %s; continue with --resume auto",
+                                     signal_name(stop.received), state.step, last_checkpoint)
                 break
     bar.close()
-    return LoopResult(interrupted, last_checkpoint)
+    return LoopResult(interrupted or stop.received is not None, last_checkpoint)

@@ -6,8 +6,9 @@ A step is one optimizer update over ``batch_size`` images (``grad_accum_steps`` 
 of the processes); the loop, resume and checkpoint cadence are ``training/loop.py``'s.
 
 Exit codes of ``latentlm train`` (see ``cli.py``): 0 finished (or reached ``stop_at_step``);
-2 invalid option; 3 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (rerun with
-``--resume auto``); 4 diverged (too many consecutive non-finite steps, or non-finite weights).
+2 invalid option (or another process writes ``output_dir``); 3 stopped by SIGTERM/SIGUSR1/SIGINT after
+writing a checkpoint or before the first step (rerun with ``--resume auto``); 4 diverged (too many
+consecutive non-finite steps, or non-finite weights).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from latentlm.data import (
 )
 from latentlm.distributed import Distributed
 from latentlm.flops import peak_tflops, training_flops
+from latentlm.lock import hold as hold_lock
 from latentlm.models import model_from_config
 from latentlm.models.generation import check_labels
 from latentlm.tokenizers import Tokenizer, build_tokenizer, tokenizer_record
@@ -61,6 +63,7 @@ from latentlm.training.loop import (
     ema_decay_at,
     find_resume,
     make_accelerator,
+    report_resume_changes,
     reporter,
     run_logging,
     run_steps,
@@ -235,15 +238,13 @@ def _check_resumable(saved: Checkpoint, cfg: TrainConfig) -> None:
 def _restore(saved: Checkpoint, cfg: TrainConfig, model: nn.Module, ema: nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, dist: Distributed) -> None:
     """Load weights, EMA, optimizer moments and schedule from ``saved``; ``state`` takes its counters."""
-    arch, other = architecture_changes(from_dict(ModelConfig, saved.train_config["model"]), cfg.model)
+    arch, _ = architecture_changes(from_dict(ModelConfig, saved.train_config["model"]), cfg.model)
     if arch and not cfg.allow_arch_change:
         raise ConfigError(f"{saved.path} has a different architecture ({'; '.join(arch)}); resume with the "
                           "original model options or pass --allow-arch-change")
-    if arch or other:
-        log.warning("resuming with changed model options: %s", "; ".join(arch + other))
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     if saved.sharded:
-        sharding.load(saved.path, model, ema, optimizer)
+        sharding.load(saved, model, ema, optimizer, dist)
     else:
         model.load_state_dict(saved.model)
         ema.load_state_dict(saved.ema)
@@ -304,6 +305,8 @@ class ModelTrainer:
         if cfg.max_flops is not None:
             cfg = self._budgeted(cfg, saved, dist)
         self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)  # the resolved config is what checkpoints store
+        if saved is not None and dist.is_main:
+            report_resume_changes(saved, saved.train_config, to_dict(cfg))
         self.peak_tflops = device_peak_tflops(cfg, dist.device)
         self.dist, self.device, self.dataset_size = dist, dist.device, len(dataset)
         self.fsdp = cfg.strategy == "fsdp"
@@ -568,31 +571,31 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
     ``cfg.data.num_classes`` is set. The model config's ``in_channels``, ``input_size`` and
     ``num_classes`` are set from the tokenizer and the data.
 
-    Raises ``ConfigError`` for invalid options (before any data or model work) and
-    ``TrainingDiverged`` when training cannot go on; returns a ``TrainResult`` otherwise
-    (``interrupted`` when SIGTERM/SIGUSR1 stopped it after a checkpoint).
+    Raises ``ConfigError`` for invalid options (before any data or model work; also when another process
+    is writing ``output_dir``: ``latentlm.lock``) and ``TrainingDiverged`` when training cannot go on;
+    returns a ``TrainResult`` otherwise (``interrupted`` when SIGTERM/SIGUSR1/SIGINT stopped it after a
+    checkpoint). Such a signal before the first step raises ``latentlm.signals.StopRequested``.
     """
-    # Validate: options fail here, before any data or model work --------------------------------
-    tokenizer, latent_c, latent_h = _checked(cfg, dataset, tokenizer)
-    dist = Distributed.start("cpu" if cfg.cpu or not torch.cuda.is_available() else "auto")
-    if cfg.batch_size % (dist.world_size * cfg.grad_accum_steps):
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by processes ({dist.world_size}) x "
-                          f"grad_accum_steps ({cfg.grad_accum_steps})")
-    micro_batch = cfg.batch_size // (dist.world_size * cfg.grad_accum_steps)  # images per process per micro-step
-    run_dir = Path(cfg.output_dir)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    with StopSignals() as stop:  # first thing: a preemption during start-up stops the run cleanly too
+        # Validate: options fail here, before any data or model work ----------------------------
+        tokenizer, latent_c, latent_h = _checked(cfg, dataset, tokenizer)
+        dist = Distributed.start("cpu" if cfg.cpu or not torch.cuda.is_available() else "auto")
+        if cfg.batch_size % (dist.world_size * cfg.grad_accum_steps):
+            raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by processes ({dist.world_size}) x "
+                              f"grad_accum_steps ({cfg.grad_accum_steps})")
+        micro_batch = cfg.batch_size // (dist.world_size * cfg.grad_accum_steps)  # images per process per micro-step
+        run_dir = Path(cfg.output_dir)
 
-    # Setup, loop, finish ----------------------------------------------------------------------------
-    with run_logging(run_dir, dist), tf32_matmuls(dist.device.type == "cuda" and cfg.allow_tf32):
-        trainer = ModelTrainer(cfg, dist, dataset, tokenizer, (latent_c, latent_h), micro_batch)
-        cfg = trainer.cfg  # resolved: max_steps follows max_flops when that is set
-        end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
-        try:
-            trainer.model.train()  # important: enables label dropout, which trains the null class for CFG
-            result = run_steps(trainer, end_step, cfg.checkpoint_every, trainer.last_checkpoint,
-                               cfg.progress and dist.is_main, "train")
-        finally:
-            trainer.close()
-        return trainer.finish(result, end_step)
+        # Setup, loop, finish: one writer per run directory ----------------------------------------
+        with hold_lock(run_dir, dist), run_logging(run_dir, dist), \
+                tf32_matmuls(dist.device.type == "cuda" and cfg.allow_tf32):
+            trainer = ModelTrainer(cfg, dist, dataset, tokenizer, (latent_c, latent_h), micro_batch)
+            cfg = trainer.cfg  # resolved: max_steps follows max_flops when that is set
+            end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+            try:
+                trainer.model.train()  # important: enables label dropout, which trains the null class for CFG
+                result = run_steps(trainer, end_step, cfg.checkpoint_every, trainer.last_checkpoint,
+                                   cfg.progress and dist.is_main, "train", stop)
+            finally:
+                trainer.close()
+            return trainer.finish(result, end_step)

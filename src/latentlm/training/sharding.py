@@ -38,7 +38,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from latentlm.checkpoint import SHARDED_DIR, NonFiniteWeightsError
+from latentlm.checkpoint import SHARDED_DIR, Checkpoint, CorruptCheckpoint, NonFiniteWeightsError
 from latentlm.distributed import Distributed
 
 
@@ -111,12 +111,31 @@ def save(path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Op
     dcp.save(_state(model, ema, optimizer), checkpoint_id=path / SHARDED_DIR)
 
 
-def load(path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Read ``path/sharded`` into the sharded ``model``, ``ema`` and ``optimizer`` (any world size)."""
+def verify_shards(saved: Checkpoint, dist: Distributed) -> None:
+    """Check the sha256 of ``saved``'s shard files against its marker, each file hashed by one process (file i
+    by process i mod world); raises ``CorruptCheckpoint`` on every process when any file differs."""
+    problem = None
+    try:
+        for name in saved.shard_files()[dist.rank::dist.world_size]:
+            saved.verify_file(name)
+    except CorruptCheckpoint as err:
+        problem = str(err)
+    problems = [None] * dist.world_size
+    torch_dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p is not None]
+    if found:
+        raise CorruptCheckpoint(found[0])
+
+
+def load(saved: Checkpoint, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+         dist: Distributed) -> None:
+    """Read ``saved``'s ``sharded/`` folder, its hashes checked first, into the sharded ``model``, ``ema`` and
+    ``optimizer`` (any world size)."""
     import torch.distributed.checkpoint as dcp
 
+    verify_shards(saved, dist)
     state = _state(model, ema, optimizer)
-    dcp.load(state, checkpoint_id=path / SHARDED_DIR)
+    dcp.load(state, checkpoint_id=saved.path / SHARDED_DIR)
     set_model_state_dict(model, state["model"])
     set_model_state_dict(ema, state["ema"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])

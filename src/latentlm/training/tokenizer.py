@@ -35,6 +35,7 @@ from latentlm.config import ConfigError, TokenizerTrainConfig, to_dict
 from latentlm.data import build_dataset, subset_batches
 from latentlm.data.digits import DigitsDataset
 from latentlm.distributed import Distributed
+from latentlm.lock import hold as hold_lock
 from latentlm.tokenizers import tokenizer_record
 from latentlm.tokenizers.normalization import fit_normalization
 from latentlm.tokenizers.sigma_vae import SigmaVAE, save_sigma_vae
@@ -105,6 +106,8 @@ class TokenizerTrainer:
                 raise ConfigError(f"{saved.path} holds a different σ-VAE ({_saved_vae(saved)}); resume with its "
                                   "options")
             vae.load_state_dict(saved.model)
+            if dist.is_main:
+                loop.report_resume_changes(saved, saved.config["train_tokenizer"], to_dict(cfg))
         self.ema = copy.deepcopy(vae).eval().requires_grad_(False)
         optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                       weight_decay=cfg.weight_decay)
@@ -207,18 +210,16 @@ def train_tokenizer(cfg: TokenizerTrainConfig, dataset: Dataset | None = None) -
     unless interrupted, ``<output_dir>/tokenizer.safetensors`` holds the EMA weights and the
     fitted normalization.
     """
-    cfg.validate()
-    dist = Distributed.start("cpu" if cfg.cpu or not torch.cuda.is_available() else "auto")
-    if cfg.batch_size % dist.world_size:
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {dist.world_size} processes")
-    run_dir = Path(cfg.output_dir)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    with loop.run_logging(run_dir, dist):
-        trainer = TokenizerTrainer(cfg, dist, dataset)
-        trainer.model.train()
-        end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
-        result = loop.run_steps(trainer, end_step, cfg.checkpoint_every, trainer.last_checkpoint,
-                           cfg.progress and dist.is_main, "σ-VAE")
-        return trainer.finish(result)
+    with loop.StopSignals() as stop:  # first thing: a preemption during start-up stops the run cleanly too
+        cfg.validate()
+        dist = Distributed.start("cpu" if cfg.cpu or not torch.cuda.is_available() else "auto")
+        if cfg.batch_size % dist.world_size:
+            raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {dist.world_size} processes")
+        run_dir = Path(cfg.output_dir)
+        with hold_lock(run_dir, dist), loop.run_logging(run_dir, dist):
+            trainer = TokenizerTrainer(cfg, dist, dataset)
+            trainer.model.train()
+            end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+            result = loop.run_steps(trainer, end_step, cfg.checkpoint_every, trainer.last_checkpoint,
+                                    cfg.progress and dist.is_main, "σ-VAE", stop)
+            return trainer.finish(result)
