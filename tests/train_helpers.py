@@ -10,6 +10,8 @@ process:
   ``OUT_DIR/ready`` and waits for ``OUT_DIR/go`` (the test sends SIGTERM first, then creates it).
 * ``ddp``: under ``torchrun``: trains a few steps and writes each process's final weights to
   ``OUT_DIR/final-rank<r>.safetensors``.
+* ``fsdp``: under ``torchrun``: FSDP straight, FSDP stopped and resumed, DDP; whole states to ``OUT_DIR/<run>.pt``.
+* ``fsdp-one``: one process resumes the ``fsdp`` mode's sharded step-3 checkpoint; then bf16 FSDP vs DDP.
 """
 
 from __future__ import annotations
