@@ -162,3 +162,14 @@ def test_fsdp_checkpoint_reads_consolidated_and_reshards_to_one_process(fsdp_run
     assert_states_equal(trained.model.state_dict(), states["fsdp-resumed"]["ema"], "sampled ema")
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         export_weights(ExportWeightsConfig(checkpoint=str(out / "resumed"), out=str(tmp_path / "export")))
+
+
+@pytest.mark.slow  # Inductor compiles the FSDP model's forward and backward on the CPU (~45 s)
+def test_fsdp_with_compile_trains_like_eager(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    run = subprocess.run([sys.executable, HELPER, "fsdp-compiled", str(tmp_path), str(data)], env=subprocess_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    losses = torch.load(tmp_path / "compiled.pt", weights_only=True)
+    assert len(losses["compiled"]) == 3
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)

@@ -12,6 +12,7 @@ process:
   ``OUT_DIR/final-rank<r>.safetensors``.
 * ``fsdp``: under ``torchrun``: FSDP straight, FSDP stopped and resumed, DDP; whole states to ``OUT_DIR/<run>.pt``.
 * ``fsdp-one``: one process resumes the ``fsdp`` mode's sharded step-3 checkpoint; then bf16 FSDP vs DDP.
+* ``fsdp-compiled``: one process, FSDP + AC eager and with ``--compile``; their losses to ``OUT_DIR/compiled.pt``.
 """
 
 from __future__ import annotations
@@ -216,7 +217,18 @@ def _fsdp_one_process(out: Path, data: Path) -> None:
                 for s, r in bf16.items()}, out / "one-bf16.pt")
 
 
+def _fsdp_compiled(out: Path, data: Path) -> None:
+    """One process: FSDP + AC 3 steps eager, then with ``--compile`` (Inductor drawing torch's random numbers)."""
+    from latentlm.training.model import train
+
+    eager = train(fsdp_config(out / "eager", data, max_steps=3))
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = train(fsdp_config(out / "compiled", data, max_steps=3, compile=True))
+    torch.save({"eager": eager.losses, "compiled": compiled.losses}, out / "compiled.pt")
+
+
 if __name__ == "__main__":
     mode, out_dir, data_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    {"sigkill": _sigkill, "sigterm": _sigterm, "ddp": _ddp, "fsdp": _fsdp, "fsdp-one": _fsdp_one_process}[mode](
-        out_dir, data_dir)
+    modes = {"sigkill": _sigkill, "sigterm": _sigterm, "ddp": _ddp, "fsdp": _fsdp, "fsdp-one": _fsdp_one_process,
+             "fsdp-compiled": _fsdp_compiled}
+    modes[mode](out_dir, data_dir)
