@@ -235,6 +235,8 @@ CASES = [
     ("demo-negative-fixed-cfg", "demo --output-dir {out}/d --sampler.cfg-scale -1", "must be >= 0"),
     ("demo-dit-preset", "demo --output-dir {out}/d --dit-model Transformer-Tiny", "not a dit preset"),
     ("demo-unknown-preset", "demo --output-dir {out}/d --latentlm-model Transformer-Huge", "not a latentlm preset"),
+    ("plan-memory-strategy", "plan-memory --strategy zero3", "'zero3' is not a choice"),
+    ("plan-memory-gpus", "plan-memory --gpus two", "--gpus: expected an integer, got 'two'"),
     ("recipes-flag", "recipes --all", "unknown option of `latentlm recipes`"),
 ]
 

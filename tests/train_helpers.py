@@ -10,6 +10,9 @@ process:
   ``OUT_DIR/ready`` and waits for ``OUT_DIR/go`` (the test sends SIGTERM first, then creates it).
 * ``ddp``: under ``torchrun``: trains a few steps and writes each process's final weights to
   ``OUT_DIR/final-rank<r>.safetensors``.
+* ``fsdp``: under ``torchrun``: FSDP straight, FSDP stopped and resumed, DDP; whole states to ``OUT_DIR/<run>.pt``.
+* ``fsdp-one``: one process resumes the ``fsdp`` mode's sharded step-3 checkpoint; then bf16 FSDP vs DDP.
+* ``fsdp-compiled``: one process, FSDP + AC eager and with ``--compile``; their losses to ``OUT_DIR/compiled.pt``.
 """
 
 from __future__ import annotations
@@ -164,6 +167,68 @@ def _ddp(out: Path, data: Path) -> None:
     (out / f"losses-rank{rank}.txt").write_text(repr(result.losses))
 
 
+def full_states(result) -> dict[str, dict]:
+    """A finished run's weights, EMA and AdamW state, whole and keyed by parameter name (every process must call
+    this under FSDP: it gathers; the first process gets the tensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"model": get_model_state_dict(result.model, options=options),
+            "ema": get_model_state_dict(result.ema, options=options),
+            "optimizer": get_optimizer_state_dict(result.model, result.optimizer, options=options)}
+
+
+def fsdp_config(out: Path, data: Path, strategy: str = "fsdp", **overrides) -> TrainConfig:
+    """The 2-process FSDP/DDP comparison run: 5 steps of 8 images in 2 micro-batches, AC on."""
+    values = dict(max_steps=5, batch_size=8, grad_accum_steps=2, strategy=strategy, activation_checkpointing=True,
+                  checkpoint_every=100)
+    return tiny_config(out, data, **{**values, **overrides})
+
+
+def _fsdp(out: Path, data: Path) -> None:
+    """Under ``torchrun``: FSDP 5 steps straight; FSDP stopped at step 3 and resumed to 5; DDP 5 steps. The first
+    process saves each run's whole weights, EMA and optimizer state as ``<run>.pt``."""
+    from latentlm.training.model import train
+
+    runs = {"fsdp": fsdp_config(out / "fsdp", data, sample_every=5),  # a grid from the gathered EMA at the end
+            "fsdp-stopped": fsdp_config(out / "resumed", data, stop_at_step=3),
+            "fsdp-resumed": fsdp_config(out / "resumed", data, resume="auto"),
+            "ddp": fsdp_config(out / "ddp", data, strategy="ddp")}
+    for name, cfg in runs.items():
+        result = train(cfg)
+        states = full_states(result)
+        if int(os.environ["RANK"]) == 0:
+            torch.save({**states, "losses": result.losses}, out / f"{name}.pt")
+
+
+def _fsdp_one_process(out: Path, data: Path) -> None:
+    """One process resumes the 2-process FSDP run's step-3 checkpoint (DCP reshards) for 0 steps, then 2 more;
+    then FSDP and DDP train 3 steps in bf16."""
+    from latentlm.training.model import train
+
+    step3 = str(out / "resumed" / "checkpoints" / "step-00000003")
+    torch.save(full_states(train(fsdp_config(out / "one", data, resume=step3, stop_at_step=3))), out / "one-step3.pt")
+    result = train(fsdp_config(out / "one", data, resume=step3))
+    torch.save({"step": result.step, "losses": result.losses}, out / "one-step5.pt")
+    # bf16: FSDP gathers bf16 units and reduces in fp32; DDP runs fp32 weights under autocast
+    bf16 = {s: train(fsdp_config(out / f"bf16-{s}", data, strategy=s, mixed_precision="bf16", max_steps=3))
+            for s in ("fsdp", "ddp")}
+    torch.save({s: {"losses": r.losses, "dtypes": sorted({str(p.dtype) for p in r.model.parameters()})}
+                for s, r in bf16.items()}, out / "one-bf16.pt")
+
+
+def _fsdp_compiled(out: Path, data: Path) -> None:
+    """One process: FSDP + AC 3 steps eager, then with ``--compile`` (Inductor drawing torch's random numbers)."""
+    from latentlm.training.model import train
+
+    eager = train(fsdp_config(out / "eager", data, max_steps=3))
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = train(fsdp_config(out / "compiled", data, max_steps=3, compile=True))
+    torch.save({"eager": eager.losses, "compiled": compiled.losses}, out / "compiled.pt")
+
+
 if __name__ == "__main__":
     mode, out_dir, data_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    {"sigkill": _sigkill, "sigterm": _sigterm, "ddp": _ddp}[mode](out_dir, data_dir)
+    modes = {"sigkill": _sigkill, "sigterm": _sigterm, "ddp": _ddp, "fsdp": _fsdp, "fsdp-one": _fsdp_one_process,
+             "fsdp-compiled": _fsdp_compiled}
+    modes[mode](out_dir, data_dir)

@@ -15,6 +15,12 @@ Layout of ``<output_dir>/checkpoints/step-00001000/``::
     COMPLETE            JSON {"step", "world_size", "files": {relative path: {"size", "sha256"}}}: every
                         file of the directory, subfolders included; written last by atomic rename
 
+A run with ``--strategy fsdp`` writes no model/EMA/optimizer files: instead ``sharded/`` holds them as a
+``torch.distributed.checkpoint`` (``{"model", "ema", "optimizer"}``; one ``__<r>_0.distcp`` per process
+and ``.metadata``), read back by ``training/sharding.py`` on any world size. ``Checkpoint.model`` / ``.ema``
+read such a checkpoint's weights consolidated in one process, so sampling takes either layout, and
+``latentlm export-weights`` writes them as ``model.safetensors`` / ``ema.safetensors``.
+
 Every file is written atomically (``latentlm.io``), so a crash leaves either the old bytes or the new
 ones. A directory without ``COMPLETE`` (or whose files do not match the sizes it lists) is
 incomplete: resume skips it and says why. Old checkpoints are deleted only after a newer one is
@@ -35,6 +41,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,6 +71,9 @@ MARKER = "COMPLETE"
 CHECKPOINTS_DIR = "checkpoints"
 MAIN_FILES = ("model.safetensors", "ema.safetensors", "config.json", "tokenizer.json", "state.json",
               "optimizer.pt", "schedule.pt")
+SHARDED_DIR = "sharded"  # FSDP runs: torch.distributed.checkpoint of model, EMA and optimizer
+SHARDED_FILES = ("config.json", "tokenizer.json", "state.json", "schedule.pt", f"{SHARDED_DIR}/.metadata")
+WEIGHTS_FILES = ("model.safetensors", "ema.safetensors", "config.json", "tokenizer.json", "state.json")  # exports
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 VERIFY_ENV = "LATENTLM_VERIFY"  # "hash" (default): sizes and sha256 of every file read; "size": sizes only
 
@@ -103,27 +113,33 @@ def begin_checkpoint(path: Path) -> None:
 def write_main_files(
     path: Path,
     *,
-    model: dict[str, torch.Tensor],
-    ema: dict[str, torch.Tensor],
+    model: dict[str, torch.Tensor] | None,
+    ema: dict[str, torch.Tensor] | None,
     config: dict[str, Any],
     tokenizer: dict[str, Any],
     state: dict[str, Any],
-    optimizer: dict[str, Any],
-    schedule: dict[str, Any],
+    optimizer: dict[str, Any] | None,
+    schedule: dict[str, Any] | None,
 ) -> None:
-    """Write everything but the per-process RNG files and the marker (main process only).
+    """Write everything but the per-process RNG files and the marker (main process only). ``None``: written
+    elsewhere (FSDP runs write weights, EMA and optimizer sharded) or not at all (schedule of an export).
 
     Weights are checked first: non-finite weights are never written (``NonFiniteWeightsError``).
     """
-    check_finite(model, "model")
-    check_finite(ema, "EMA")
-    write_safetensors(path / "model.safetensors", model)
-    write_safetensors(path / "ema.safetensors", ema)
+    for name, weights in (("model", model), ("EMA", ema)):
+        if weights is not None:
+            check_finite(weights, name)
+    if model is not None:
+        write_safetensors(path / "model.safetensors", model)
+    if ema is not None:
+        write_safetensors(path / "ema.safetensors", ema)
     write_json(path / "config.json", config)
     write_json(path / "tokenizer.json", tokenizer)
     write_json(path / "state.json", state)
-    write_torch(path / "optimizer.pt", optimizer)
-    write_torch(path / "schedule.pt", schedule)
+    if optimizer is not None:
+        write_torch(path / "optimizer.pt", optimizer)
+    if schedule is not None:
+        write_torch(path / "schedule.pt", schedule)
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -152,11 +168,14 @@ def checkpoint_files(path: Path) -> list[str]:
                   if p.is_file() and p.name != MARKER and not is_temporary(p))
 
 
-def mark_complete(path: Path, step: int, world_size: int) -> None:
-    """Write the ``COMPLETE`` marker, last and atomically, after checking every file is there: it records the
-    size and sha256 of every file in the directory."""
-    names = [*MAIN_FILES, *(f"rng-rank{r}.pt" for r in range(world_size))]
-    missing = [n for n in names if not (path / n).is_file()]
+def mark_complete(path: Path, step: int, world_size: int, required: tuple[str, ...] | None = None) -> None:
+    """Write the ``COMPLETE`` marker, last and atomically, after checking the files a checkpoint needs are
+    there (``required``; default: those of its layout and every process's RNG): it records the size and
+    sha256 of every file in the directory, sub-folders included."""
+    if required is None:
+        layout = SHARDED_FILES if (path / SHARDED_DIR).is_dir() else MAIN_FILES
+        required = (*layout, *(f"rng-rank{r}.pt" for r in range(world_size)))
+    missing = [n for n in required if not (path / n).is_file()]
     if missing:
         raise RuntimeError(f"checkpoint {path} is missing {missing}; not marking it complete")
     files = checkpoint_files(path)
@@ -319,6 +338,8 @@ class Checkpoint:
         self.tokenizer: dict[str, Any] = read_json(self._file("tokenizer.json"))
         self.state: dict[str, Any] = read_json(self._file("state.json"))
         self.step = int(self.state["step"])
+        self.sharded = (self.path / SHARDED_DIR).is_dir()  # an FSDP run's checkpoint
+        self.weights_only = not self.sharded and not (self.path / "optimizer.pt").is_file()  # an export
 
     def verify_file(self, name: str) -> None:
         """Check the sha256 of file ``name`` now (``CorruptCheckpoint`` when it differs from the marker)."""
@@ -351,15 +372,40 @@ class Checkpoint:
 
     @cached_property
     def model(self) -> dict[str, torch.Tensor]:
-        return self._weights("model.safetensors")
+        return self._consolidated("model") if self.sharded else self._weights("model.safetensors")
 
     @cached_property
     def ema(self) -> dict[str, torch.Tensor]:
-        return self._weights("ema.safetensors")
+        return self._consolidated("ema") if self.sharded else self._weights("ema.safetensors")
 
     @cached_property
     def optimizer(self) -> dict[str, Any]:
+        if self.sharded:
+            raise ValueError(f"{self.path} is sharded: its optimizer state is read by training/sharding.load")
         return read_torch(self._file("optimizer.pt"))
+
+    def _consolidated(self, key: str) -> dict[str, torch.Tensor]:
+        """The full fp32 ``key`` ("model" / "ema") state of a sharded checkpoint, read in this process alone:
+        torch.distributed.checkpoint assembles every process's shards into tensors of the full shape."""
+        import torch.distributed.checkpoint as dcp
+
+        from latentlm.config import ModelConfig, from_dict
+        from latentlm.models import model_from_config
+
+        for name in self.shard_files():
+            self._file(name)
+        with torch.device("meta"):  # shapes and names only
+            template = model_from_config(from_dict(ModelConfig, self.train_config["model"])).state_dict()
+        state = {key: {k: torch.empty(v.shape, dtype=v.dtype) for k, v in template.items()}}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=self.path / SHARDED_DIR, no_dist=True)
+        check_loaded_finite(self.path, self.path / SHARDED_DIR, state[key])
+        return state[key]
+
+    def shard_files(self) -> list[str]:
+        """The files of a sharded checkpoint's ``sharded/`` folder, as its marker lists them (else none)."""
+        return [name for name in self._entries if name.startswith(f"{SHARDED_DIR}/")]
 
     @cached_property
     def schedule(self) -> dict[str, Any]:

@@ -42,8 +42,10 @@ from latentlm.config import (
     ConfigError,
     DemoConfig,
     EvaluateConfig,
+    ExportWeightsConfig,
     ImportReferenceConfig,
     ModelConfig,
+    PlanMemoryConfig,
     RecipesConfig,
     ReferenceStatsConfig,
     SampleConfig,
@@ -100,6 +102,10 @@ COMMANDS: dict[str, Command] = {
                              "resumable"),
     "import-reference": Command(ImportReferenceConfig, _module("import_reference"),
                                 "a checkpoint of the reference LatentLM code (+ its tokenizer) -> a latentlm run"),
+    "export-weights": Command(ExportWeightsConfig, _module("export_weights"),
+                              "a checkpoint's weights and EMA (sharded by FSDP or not) as consolidated safetensors"),
+    "plan-memory": Command(PlanMemoryConfig, _module("plan_memory"),
+                           "per-GPU memory of training a preset (DDP/FSDP, activation checkpointing): fits or not"),
     "vae-roundtrip": Command(VaeRoundtripConfig, _module("vae_roundtrip"),
                              "encode + decode images with a tokenizer file: side-by-side PNG, PSNR and SSIM"),
     "recipes": Command(RecipesConfig, _module("recipes"), "list the recipes shipped for --config NAME"),
@@ -146,6 +152,8 @@ def recipe_defaults(cls: type, args: Sequence[str]) -> Any | None:
     None when ``cls`` takes neither (tyro then uses the class defaults).
     """
     names = {f.name for f in dataclasses.fields(cls)}
+    if "model" in names and typing.get_type_hints(cls)["model"] is not ModelConfig:
+        names.remove("model")  # a preset name (plan-memory), not a model section
     if "config" not in names and "model" not in names:
         return None
     data: dict[str, Any] = {}

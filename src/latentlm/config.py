@@ -421,6 +421,7 @@ class SigmaVAEConfig:
 # ---------------------------------------------------------------------------------------------
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
+Strategy = Literal["ddp", "fsdp"]
 LRSchedule = Literal["cosine", "constant"]
 
 
@@ -481,6 +482,10 @@ class TrainConfig:
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (fp32 runs only)
     peak_tflops: float | None = None  # per-GPU peak for the logged MFU (default: dense BF16 datasheet peak of the card)
     seed: int = 0  # model init, data order, noise; a run is reproducible from (config, seed)
+    # -- scale: sharding, memory, speed --
+    strategy: Strategy = "ddp"  # "fsdp": FSDP2, weights/grads/AdamW/EMA sharded over processes, one unit per block
+    activation_checkpointing: bool = False  # recompute each block in backward: far less activation memory, ~30% slower
+    compile: bool = False  # torch.compile the model's loss (the first steps compile, for minutes; faster after)
     # -- checkpoints and failures --
     checkpoint_every: int = 5_000  # steps between checkpoints (one is always written at the end)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a newer one is complete
@@ -510,6 +515,9 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum_steps="
                               f"{self.grad_accum_steps}")
+        if self.strategy == "fsdp" and self.mixed_precision == "fp16":
+            raise ConfigError("strategy=fsdp with mixed_precision=fp16 is not supported (no sharded loss scaler); "
+                              "use --mixed-precision bf16")
         try:
             self.model.validate()
         except ConfigError as err:
@@ -822,6 +830,44 @@ class VaeRoundtripConfig:
             raise ConfigError("give image files (--images a.jpg b.png) or a folder to draw from (--folder DIR)")
         if not self.images and not Path(self.folder).is_dir():
             raise ConfigError(f"folder={self.folder}: no such directory")
+
+
+@dataclass
+class PlanMemoryConfig:
+    """`latentlm plan-memory`: per-GPU memory of training a preset (``latentlm.memory``: weights, gradients,
+    AdamW, EMA, activations, total) and whether it fits, before renting the GPUs. No model is built."""
+
+    model: str = "Transformer-Medium"  # a preset (latentlm.models.list_models()), or "all" for every preset
+    gpus: int = 8  # processes, one GPU each
+    batch_size: int = 256  # global images per optimizer step
+    grad_accum_steps: int = 1  # micro-batches per step: per-GPU micro-batch = batch / (gpus x this)
+    strategy: Strategy = "ddp"  # "fsdp": weights, gradients, AdamW and EMA sharded over the GPUs
+    activation_checkpointing: bool = False  # keep only each block's input, recompute in backward
+    mixed_precision: MixedPrecision = "bf16"  # the run's --mixed-precision: activation and weight-copy bytes
+    gpu_memory_gb: float = 80  # memory of one GPU in GiB (an "80 GB" H100 has 80 GiB)
+
+    def validate(self) -> None:
+        _at_least(self, 1, "gpus", "batch_size", "grad_accum_steps")
+        if not (math.isfinite(self.gpu_memory_gb) and self.gpu_memory_gb > 0):
+            raise ConfigError(f"gpu_memory_gb={self.gpu_memory_gb}: must be a number > 0")
+        if self.batch_size % (self.gpus * self.grad_accum_steps):
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by gpus x grad_accum_steps = "
+                              f"{self.gpus} x {self.grad_accum_steps}; choose a multiple of "
+                              f"{self.gpus * self.grad_accum_steps}")
+
+
+@dataclass
+class ExportWeightsConfig:
+    """`latentlm export-weights`: a checkpoint's weights and EMA consolidated into ``model.safetensors`` and
+    ``ema.safetensors`` (an FSDP run's are sharded), as a run directory that ``sample``, ``sample-many`` and
+    ``evaluate`` read. The run's optimizer state stays in the run: resume from the run itself."""
+
+    checkpoint: str  # a checkpoint directory, or a run directory (its newest complete checkpoint)
+    out: str  # the run directory to create: <out>/checkpoints/step-<N>/ (must hold no checkpoints yet)
+
+    def validate(self) -> None:
+        if not Path(self.checkpoint).exists():
+            raise ConfigError(f"checkpoint={self.checkpoint}: no such directory (a checkpoint or a run directory)")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from latentlm.models.layers import (
     TimestepEmbedder,
     initialize_adaln_zero,
     patchify,
+    run_blocks,
     sincos_2d,
     unpatchify,
 )
@@ -85,8 +86,7 @@ class DiT(LatentModel):
         x = self.token_embed(patchify(x_t, cfg.patch_size).to(self.token_embed.weight.dtype))  # (N, L, D), L = (H/p)^2
         x = x + self._pos_embed(x.device).to(x.dtype)
         c = self.time_embed(t) + self.label_embed(labels)  # (N, D)
-        for block in self.blocks:
-            x = block(x, c)
+        x = run_blocks(self.blocks, x, c, checkpointing=self.activation_checkpointing)
         out = self.final(x, c).to(x_t.dtype)  # (N, L, C p^2), in the solver's dtype
         return unpatchify(out, cfg.in_channels, cfg.input_size, cfg.patch_size)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentlm.models.layers import FinalLayer, RMSNorm, SwiGLU, TimestepEmbedder, modulate
+from latentlm.models.layers import FinalLayer, RMSNorm, SwiGLU, TimestepEmbedder, modulate, run_blocks
 
 
 class HeadBlock(nn.Module):
@@ -49,13 +49,13 @@ class DiffusionHead(nn.Module):
         self.time_embed = TimestepEmbedder(dim)
         self.blocks = nn.ModuleList(HeadBlock(dim, ffn_dim) for _ in range(depth))
         self.final = FinalLayer(dim, token_dim)
+        self.activation_checkpointing = False  # set by LatentModel.set_activation_checkpointing
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x_t (N, C p^2), t (N,) in model time units, cond (N, D) -> output (N, C p^2)."""
         c = cond + self.time_embed(t)  # (N, D)
         x = self.input_proj(x_t.to(self.input_proj.weight.dtype))  # (N, D); solver state may be wider
-        for block in self.blocks:
-            x = block(x, c)
+        x = run_blocks(self.blocks, x, c, checkpointing=self.activation_checkpointing)
         return self.final(x, c).to(x_t.dtype)  # (N, C p^2), in the solver's dtype
 
     # -- the fused solve's pieces ---------------------------------------------------------------

@@ -34,6 +34,7 @@ from latentlm.models.layers import (
     initialize_adaln_zero,
     patchify,
     rope_tables,
+    run_blocks,
     unpatchify,
 )
 from latentlm.progress import progress_bar
@@ -101,8 +102,7 @@ class LatentLM(LatentModel):
         x = torch.cat([self.label_embed(labels)[:, None], x], dim=1)  # (N, L, D)
         cos, sin = self._rope_tables(x.device)
         rope = (cos[: x.shape[1]], sin[: x.shape[1]])  # a prefix of T <= L positions is allowed
-        for block in self.blocks:
-            x = block(x, rope)
+        x = run_blocks(self.blocks, x, rope, checkpointing=self.activation_checkpointing)
         return self.cond_proj(self.norm(x))  # (N, L, D)
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> list[KVCache]:

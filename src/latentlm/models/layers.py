@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # Norms and MLPs
@@ -44,6 +46,18 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)  # (..., hidden) each
         return self.w2(F.silu(gate) * up)
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args: Any, checkpointing: bool = False) -> torch.Tensor:
+    """``x = block(x, *args)`` for every block. With ``checkpointing`` (and autograd recording) each block runs
+    under non-reentrant activation checkpointing: it keeps only its input and recomputes the rest in backward.
+    The block is called as a module, so hooks on it (FSDP's gather of a sharded block) run on every call."""
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, *args, use_reentrant=False)
+        else:
+            x = block(x, *args)
+    return x
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -93,9 +93,12 @@ def ema_decay_at(update: int, decay: float, warmup: bool = True) -> float:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """e <- e + (1 - decay)(p - e) for the (fp32 master) parameters; buffers are copied."""
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p, 1 - decay)
+    """e <- e + (1 - decay)(p - e) for the (fp32 master) parameters, in one multi-tensor op (FSDP: on the
+    local shards, which the EMA shares with the weights); buffers are copied."""
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    if len(ema_params) != len(params):
+        raise ValueError(f"the EMA has {len(ema_params)} parameters, the model {len(params)}")
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers(), strict=True):
         e.copy_(b)
 
@@ -332,15 +335,19 @@ def start_rng(saved: Checkpoint | None, dist: Distributed, seed: int, step: int)
     torch.manual_seed(seed * 1000 + dist.rank + 1 + step)
 
 
-def save_checkpoint(dist: Distributed, output_dir: str, step: int, keep_last: int, **files: Any) -> Path:
+def save_checkpoint(dist: Distributed, output_dir: str, step: int, keep_last: int,
+                    write_shards: Callable[[Path], None] | None = None, **files: Any) -> Path:
     """Write the checkpoint of ``step`` from every process (``files``: what ``write_main_files`` takes, written
-    by the first process; every process writes its RNG), mark it complete, prune old ones."""
+    by the first process; ``write_shards(path)``, if given, runs on every process: FSDP's sharded weights;
+    every process writes its RNG), mark it complete, prune old ones."""
     path = ckpt_io.checkpoint_dir(output_dir, step)
     if dist.is_main:
         ckpt_io.begin_checkpoint(path)
     dist.barrier()
     if dist.is_main:
         ckpt_io.write_main_files(path, **files)
+    if write_shards is not None:
+        write_shards(path)
     ckpt_io.write_rng(path, dist.rank)
     dist.barrier()  # every file, RNG of all processes included, is on disk
     if dist.is_main:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -48,8 +49,10 @@ from latentlm.distributed import Distributed
 from latentlm.flops import peak_tflops, training_flops
 from latentlm.lock import hold as hold_lock
 from latentlm.models import model_from_config
+from latentlm.models.generation import check_labels
 from latentlm.tokenizers import Tokenizer, build_tokenizer, tokenizer_record
 from latentlm.tokenizers.normalization import fit_normalization
+from latentlm.training import sharding
 from latentlm.training.loop import (
     LoopResult,
     Precision,
@@ -88,8 +91,11 @@ class TrainResult:
     nonfinite_steps: int  # steps skipped for non-finite loss or gradients, whole run
     bad_images: int  # unreadable images skipped (all processes, every time one was drawn), whole run
     train_flops: int  # counted training FLOPs (forward + backward), whole run
-    model: nn.Module = dataclasses.field(repr=False)  # the trained weights (unwrapped, on the training device)
-    ema: nn.Module = dataclasses.field(repr=False)  # their EMA (what samples use)
+    # The trained weights (unwrapped, on the training device) and their EMA (what samples use); under
+    # --strategy fsdp both are the sharded modules (``sharding.full_state_dict`` gathers them)
+    model: nn.Module = dataclasses.field(repr=False)
+    ema: nn.Module = dataclasses.field(repr=False)
+    optimizer: torch.optim.Optimizer = dataclasses.field(repr=False)  # its AdamW (moments keyed like the weights)
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
@@ -111,6 +117,27 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list
         if p.requires_grad:
             (no_decay if p.ndim < 2 or id(p) in embedding else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_models(cfg: TrainConfig, dist: Distributed) -> tuple[nn.Module, nn.Module]:
+    """The model of ``cfg.model`` and its EMA on ``dist.device``, identical on every process (seeded by
+    ``cfg.seed``), with the run's activation checkpointing; under ``--strategy fsdp`` both are sharded alike
+    over the processes (weights, then gradients and AdamW moments, and the EMA: 1/world each)."""
+    torch.manual_seed(cfg.seed)
+    model = model_from_config(cfg.model).to(dist.device)
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.strategy == "fsdp":
+        model, ema = sharding.shard(model, dist, cfg.mixed_precision), sharding.shard(ema, dist, None)
+    return model, ema
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups``: the fused CUDA kernel on GPUs (one launch for all parameters), the
+    multi-tensor (foreach) implementation elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_all_params), lr=cfg.lr,
+                             betas=tuple(cfg.betas), eps=cfg.eps, fused=fused, foreach=not fused)
 
 
 def done_flops(state: TrainState, flops_per_step: int) -> int:
@@ -218,6 +245,18 @@ def _normalize(cfg: TrainConfig, tokenizer: Tokenizer, dataset: Dataset, saved: 
         tokenizer.set_normalization(stats["scale"], stats["bias"])
 
 
+def _check_resumable(saved: Checkpoint, cfg: TrainConfig) -> None:
+    """Refuse, before any model work, a checkpoint this run cannot continue: an export (weights only), or one
+    written under the other strategy (DDP checkpoints hold whole tensors, FSDP ones shards)."""
+    if saved.weights_only:
+        raise ConfigError(f"{saved.path} holds exported weights only (no optimizer state); resume from a checkpoint "
+                          "of the run itself")
+    layout = "fsdp" if saved.sharded else "ddp"
+    if layout != cfg.strategy:
+        raise ConfigError(f"{saved.path} was written by a --strategy {layout} run ({'' if saved.sharded else 'not '}"
+                          f"sharded); resume it with --strategy {layout}")
+
+
 def _restore(saved: Checkpoint, cfg: TrainConfig, model: nn.Module, ema: nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, dist: Distributed) -> None:
     """Load weights, EMA, optimizer moments and schedule from ``saved``; ``state`` takes its counters."""
@@ -225,14 +264,17 @@ def _restore(saved: Checkpoint, cfg: TrainConfig, model: nn.Module, ema: nn.Modu
     if arch and not cfg.allow_arch_change:
         raise ConfigError(f"{saved.path} has a different architecture ({'; '.join(arch)}); resume with the "
                           "original model options or pass --allow-arch-change")
-    try:
-        model.load_state_dict(saved.model)
-        ema.load_state_dict(saved.ema)
-    except RuntimeError as err:  # names the missing, unexpected and wrong-shape tensors
-        raise ConfigError(f"{saved.path}: its weights do not fit this run's model ({' '.join(str(err).split())[:300]})"
-                          "; resume with the original model options") from err
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(saved.optimizer)
+    if saved.sharded:
+        sharding.load(saved, model, ema, optimizer, dist)
+    else:
+        try:
+            model.load_state_dict(saved.model)
+            ema.load_state_dict(saved.ema)
+        except RuntimeError as err:  # names the missing, unexpected and wrong-shape tensors
+            raise ConfigError(f"{saved.path}: its weights do not fit this run's model "
+                              f"({' '.join(str(err).split())[:300]}); resume with the original model options") from err
+        optimizer.load_state_dict(saved.optimizer)
     scheduler.load_state_dict(saved.schedule["scheduler"])
     # Moments come from the checkpoint, settings (LR, betas, eps, weight decay) from this config; with an
     # unchanged config both agree bit for bit.
@@ -308,11 +350,9 @@ class ModelTrainer:
             report_resume_changes(saved, saved.train_config, to_dict(cfg))
         self.peak_tflops = device_peak_tflops(cfg, dist.device)
         self.dist, self.device, self.dataset_size = dist, dist.device, len(dataset)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every process
-        model = model_from_config(model_cfg).to(dist.device)
-        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_all_params), lr=cfg.lr,
-                                      betas=tuple(cfg.betas), eps=cfg.eps)
+        self.fsdp = cfg.strategy == "fsdp"
+        model, self.ema = build_models(cfg, dist)
+        optimizer = make_optimizer(model, cfg, dist.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
         self.precision = Precision(cfg.mixed_precision, dist.device)
         self.state = TrainState(global_micro_batch=micro_batch * dist.world_size, dataset_size=len(dataset),
@@ -321,14 +361,21 @@ class ModelTrainer:
             _restore(saved, cfg, model, self.ema, optimizer, self.scheduler, self.state, dist)
             self.precision.load_state_dict(saved.schedule.get("scaler"))
         self.accelerator = make_accelerator(dist.device)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.fsdp:
+            self.model, self.optimizer = model, optimizer
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.raw_model = self.accelerator.unwrap_model(self.model)
+        # The model's loss, compiled on request (the first steps compile; dynamic=False: one graph per shape)
+        self.loss_fn = torch.compile(self.model, dynamic=False) if cfg.compile else self.model
         if dist.is_main:
             log.info("%s (%s): %.2fM parameters; latents %s; %d classes; %d images; %d process(es), micro-batch %d, "
-                     "%d accumulation step(s), global batch %d; device %s, precision %s", model_cfg.name,
-                     model_cfg.family, sum(p.numel() for p in model.parameters()) / 1e6,
+                     "%d accumulation step(s), global batch %d; device %s, precision %s, strategy %s%s%s",
+                     model_cfg.name, model_cfg.family, sum(p.numel() for p in model.parameters()) / 1e6,
                      (latent[0], latent[1], latent[1]), num_classes, len(dataset), dist.world_size, micro_batch,
-                     cfg.grad_accum_steps, cfg.batch_size, dist.device, cfg.mixed_precision)
+                     cfg.grad_accum_steps, cfg.batch_size, dist.device, cfg.mixed_precision, cfg.strategy,
+                     ", activation checkpointing" if cfg.activation_checkpointing else "",
+                     ", compiled" if cfg.compile else "")
         # Data order, monitoring ------------------------------------------------------------------
         start_rng(saved, dist, cfg.seed, self.state.step)
         sampler = ShardedBatchSampler(len(dataset), micro_batch, dist.rank, dist.world_size, cfg.seed,
@@ -380,12 +427,14 @@ class ModelTrainer:
                 labels = torch.zeros(1, dtype=torch.long, device=self.device)
             else:
                 used += 1
+                check_labels(labels, self.raw_model.config.num_classes, allow_null=False)  # on the CPU: no sync
                 labels = labels.to(self.device, non_blocking=True)
                 latents = self.source.latents(inputs, self.device)
-            sync = micro == cfg.grad_accum_steps - 1
+            # DDP all-reduces on the last micro-batch only; FSDP reduce-scatters each one into the sharded gradients
+            sync = micro == cfg.grad_accum_steps - 1 or self.fsdp
             with self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext():
                 with self.precision.autocast():
-                    loss = self.model(latents, labels).float()  # scalar: the model owns its diffusion loss
+                    loss = self.loss_fn(latents, labels).float()  # scalar: the model owns its diffusion loss
                 if inputs is None:
                     loss = loss * 0.0
                 self.precision.backward(loss / cfg.grad_accum_steps)
@@ -406,8 +455,9 @@ class ModelTrainer:
         check_bad_fraction(state.bad_images, max(state.images_drawn, self.dataset_size), cfg.data.max_bad_fraction,
                            list(self.seen_bad.values()), where=f"step {state.step + 1}: ")
         self.precision.unscale(self.optimizer)
-        self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
-                                                          cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        self.grad_norm = (sharding.clip_grad_norm(self.model, max_norm) if self.fsdp
+                          else self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
         finite = bool(torch.isfinite(step_loss) & torch.isfinite(self.grad_norm))
         # Update: a non-finite step leaves weights, EMA and optimizer state untouched. Under fp16 the
         # GradScaler must still see the step (it skips it itself and lowers its scale).
@@ -471,18 +521,34 @@ class ModelTrainer:
                 for name, value in scalars + ([("mfu", mfu)] if mfu is not None else []):
                     self.writer.add_scalar(f"train/{name}", value, state.step)
             self.window_start, self.window_steps, self.window_overhead = time.perf_counter(), 0, 0.0
-        if self.dist.is_main and cfg.sample_every and state.step % cfg.sample_every == 0:
+        if cfg.sample_every and state.step % cfg.sample_every == 0 and (self.dist.is_main or self.fsdp):
             started = time.perf_counter()
             self._sample_grid()
             self.window_overhead += time.perf_counter() - started
         return postfix
 
+    def _grid_model(self) -> nn.Module | None:
+        """What the grids sample from on the first process: the EMA, gathered whole when it is sharded (every
+        process takes part in the gather; the others get None)."""
+        if not self.fsdp:
+            return self.ema
+        state = sharding.full_state_dict(self.ema)
+        if not self.dist.is_main:
+            return None
+        with torch.device("meta"):
+            ema = model_from_config(self.raw_model.config)
+        ema.load_state_dict(state, assign=True)
+        return ema.to(self.device).eval()
+
     def _sample_grid(self) -> None:
+        ema = self._grid_model()
+        if ema is None:
+            return
         # fork_rng: sampling on the main process only must not shift its training RNG stream
         try:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
                     self.precision.autocast():
-                grid = sample_grid(self.ema, self.tokenizer, self.grid_classes, 4, self.cfg.sampler, self.cfg.seed,
+                grid = sample_grid(ema, self.tokenizer, self.grid_classes, 4, self.cfg.sampler, self.cfg.seed,
                                    self.names)
             samples = Path(self.cfg.output_dir) / "samples"
             samples.mkdir(exist_ok=True)
@@ -495,17 +561,24 @@ class ModelTrainer:
         """The checkpoint of this step. Weights are checked on every process first (they are identical across
         processes), so non-finite weights raise ``TrainingDiverged`` everywhere and nothing is written."""
         started = time.perf_counter()
-        model_state, ema_state = self.raw_model.state_dict(), self.ema.state_dict()
+        model_state = ema_state = optimizer_state = write_shards = None
         try:
-            ckpt_io.check_finite(model_state, "model")
-            ckpt_io.check_finite(ema_state, "EMA")
+            if self.fsdp:  # weights, EMA and optimizer go to sharded/ from every process
+                sharding.check_finite(model=self.raw_model, EMA=self.ema)
+                write_shards = functools.partial(sharding.save, model=self.raw_model, ema=self.ema,
+                                                 optimizer=self.optimizer)
+            else:
+                model_state, ema_state = self.raw_model.state_dict(), self.ema.state_dict()
+                optimizer_state = self.optimizer.state_dict()
+                ckpt_io.check_finite(model_state, "model")
+                ckpt_io.check_finite(ema_state, "EMA")
         except ckpt_io.NonFiniteWeightsError as err:
             raise TrainingDiverged(f"step {self.state.step}: {err}; the last complete checkpoint is intact. Lower "
                                    "--lr or check the data") from err
         self.last_checkpoint = save_checkpoint(
-            self.dist, self.cfg.output_dir, self.state.step, self.cfg.keep_last, model=model_state, ema=ema_state,
-            config={"train": to_dict(self.cfg), "class_names": self.names}, tokenizer=self.tokenizer_info,
-            state=self.state.to_dict(), optimizer=self.optimizer.state_dict(),
+            self.dist, self.cfg.output_dir, self.state.step, self.cfg.keep_last, write_shards=write_shards,
+            model=model_state, ema=ema_state, config={"train": to_dict(self.cfg), "class_names": self.names},
+            tokenizer=self.tokenizer_info, state=self.state.to_dict(), optimizer=optimizer_state,
             schedule={"scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict()})
         self.window_overhead += time.perf_counter() - started
         return self.last_checkpoint
@@ -521,7 +594,7 @@ class ModelTrainer:
         return TrainResult(step=state.step, losses=state.losses, run_dir=run_dir, checkpoint=result.checkpoint,
                            interrupted=result.interrupted, nonfinite_steps=state.nonfinite_total,
                            bad_images=state.bad_images, train_flops=state.train_flops, model=self.raw_model,
-                           ema=self.ema)
+                           ema=self.ema, optimizer=getattr(self.optimizer, "optimizer", self.optimizer))  # unwrapped
 
     def close(self) -> None:
         if self.writer is not None:
@@ -556,8 +629,10 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, tokenizer: Tokenizer
         # Setup, loop, finish: one writer per run directory ----------------------------------------
         with hold_lock(run_dir, dist):
             saved = find_resume(cfg.resume, run_dir, dist)
-            if saved is not None:  # every file read now: a damaged checkpoint is refused before anything is written
-                _ = saved.model, saved.ema, saved.optimizer, saved.schedule
+            if saved is not None:
+                _check_resumable(saved, cfg)
+                if not saved.sharded:  # every file read now: a damaged checkpoint is refused before any is written
+                    _ = saved.model, saved.ema, saved.optimizer, saved.schedule
             with run_logging(run_dir, dist), tf32_matmuls(dist.device.type == "cuda" and cfg.allow_tf32):
                 trainer = ModelTrainer(cfg, dist, dataset, tokenizer, (latent_c, latent_h), micro_batch, saved)
                 cfg = trainer.cfg  # resolved: max_steps follows max_flops when that is set
