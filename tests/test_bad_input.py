@@ -237,6 +237,8 @@ CASES = [
     ("demo-unknown-preset", "demo --output-dir {out}/d --latentlm-model Transformer-Huge", "not a latentlm preset"),
     ("plan-memory-strategy", "plan-memory --strategy zero3", "'zero3' is not a choice"),
     ("plan-memory-gpus", "plan-memory --gpus two", "--gpus: expected an integer, got 'two'"),
+    ("export-missing", "export-weights --checkpoint {in}/none --out {out}/exp", "no such directory"),
+    ("export-bitrot", "export-weights --checkpoint {badema} --out {out}/exp", "ema.safetensors"),
     ("recipes-flag", "recipes --all", "unknown option of `latentlm recipes`"),
 ]
 
