@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from generation import sync, timed  # benchmarks/generation.py: one definition of a synchronized timing
 from latentlm import SamplerConfig, build_model
 from latentlm.flops import denoiser_calls, generation_flops, mfu
 
@@ -103,19 +104,6 @@ class Session:
             print(f"[ERROR] {phase}:\n{text}", flush=True)
             self.errors.append(f"{phase}: {text.strip().splitlines()[-1]}")
             return None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
