@@ -33,7 +33,15 @@ from latentlm.signals import EXIT_ABORTED, EXIT_INTERRUPTED
 from latentlm.training.model import train
 from latentlm.training.tokenizer import train_tokenizer
 from test_sweep import digits_checkpoint
-from train_helpers import assert_states_equal, cli_args, make_image_folder, subprocess_env, tiny_config, wait_for
+from train_helpers import (
+    assert_states_equal,
+    cli_args,
+    make_image_folder,
+    signal_at_pause,
+    subprocess_env,
+    tiny_config,
+    wait_for,
+)
 
 HELPER = str(Path(__file__).with_name("hardening_helpers.py"))
 TINY_CONV = dict(latent_channels=4, base_channels=8, channel_mult=(1, 2))
@@ -362,13 +370,7 @@ def test_ctrl_c_mid_step_saves_and_exits_3_and_a_second_one_aborts(data, tmp_pat
     out = tmp_path / "once"
     out.mkdir()
     proc = start_helper("step", out, data)
-    try:
-        wait_for(out / "ready", proc)  # inside step 3
-        proc.send_signal(signal.SIGINT)
-        (out / "go").touch()
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    output = signal_at_pause(proc, out, signal.SIGINT)  # inside step 3
     assert proc.returncode == EXIT_INTERRUPTED, output
     assert "stopped by SIGINT at step 3" in output and "Traceback" not in output
     assert [(e.step, e.problem) for e in list_checkpoints(out / "run")] == [(2, None), (3, None)]
@@ -398,13 +400,7 @@ def test_sigterm_mid_save_stops_right_after_it_and_resumes_exactly(data, tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     proc = start_helper("save", out, data)
-    try:
-        wait_for(out / "ready", proc)  # writing the step-2 checkpoint
-        proc.send_signal(signal.SIGTERM)
-        (out / "go").touch()
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    output = signal_at_pause(proc, out, signal.SIGTERM)  # writing the step-2 checkpoint
     assert proc.returncode == EXIT_INTERRUPTED, output
     assert "stopped by SIGTERM at step 2" in output
     assert [(e.step, e.problem) for e in list_checkpoints(out / "run")] == [(2, None)]  # no extra step

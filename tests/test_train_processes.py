@@ -23,9 +23,9 @@ from latentlm.training.model import train
 from train_helpers import (
     assert_states_equal,
     make_image_folder,
+    signal_at_pause,
     subprocess_env,
     tiny_config,
-    wait_for,
 )
 
 HELPER = str(Path(__file__).with_name("train_helpers.py"))
@@ -37,13 +37,7 @@ def test_sigterm_checkpoints_at_step_boundary_and_resume_is_exact(tmp_path):
     out.mkdir()
     proc = subprocess.Popen([sys.executable, HELPER, "sigterm", str(out), str(data)], env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(out / "ready", proc)  # the process is inside step 3 (drawing its first micro-batch)
-        proc.send_signal(signal.SIGTERM)
-        (out / "go").touch()
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    output = signal_at_pause(proc, out, signal.SIGTERM)  # paused inside step 3 (its first micro-batch)
     assert proc.returncode == EXIT_INTERRUPTED, output
     assert "stopped by SIGTERM at step 3" in output
     assert [(e.step, e.problem) for e in list_checkpoints(out / "run")] == [(3, None)]  # the step in flight finished

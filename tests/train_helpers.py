@@ -113,6 +113,19 @@ def wait_for(path: Path, proc, timeout: float = 60.0) -> None:
 # Subprocess modes
 # ---------------------------------------------------------------------------------------------
 
+def signal_at_pause(proc, out: Path, signum: int) -> str:
+    """Send ``signum`` to a helper process paused at ``out/ready``, let it go on (``out/go``), and return
+    its output once it exits (killed if it has not within 60 s)."""
+    try:
+        wait_for(out / "ready", proc)
+        proc.send_signal(signum)
+        (out / "go").touch()
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return output
+
+
 PAUSE_AT = 4  # sigterm mode: the first micro-batch of step 3 (2 micro-batches per step)
 
 
